@@ -1,0 +1,56 @@
+# pretrain: one entry point for install, demo, tests and lint.
+# The virtual environment lives in the checkout (.venv); torch is pinned through
+# constraints.txt so that a CPU machine never pulls CUDA wheels.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+# DeepSpeed builds its ops just in time; never at install.
+export DS_BUILD_OPS := 0
+# A persistent cache for DeepSpeed's/torch's JIT-built C++ ops (shm comm op).
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pretrain/torch_extensions
+export WANDB_MODE ?= offline
+
+.PHONY: install demo test test-unit test-distributed test-integration lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m pretrain.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q -m unit tests
+
+test-distributed: install
+	$(PY) -m pytest -q -m distributed tests
+
+test-integration: install
+	$(PY) -m pytest -q -m integration tests
+
+lint: install
+	$(VENV)/bin/ruff format --check pretrain tests
+	$(VENV)/bin/ruff check pretrain tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+format: install
+	$(VENV)/bin/ruff format pretrain tests
+	$(VENV)/bin/ruff check --fix pretrain tests
+
+bench: install
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) runs outputs wandb .pytest_cache

@@ -1,0 +1,1 @@
+"""pretrain: distributed GPT pretraining."""
