@@ -84,3 +84,6 @@ def torchrun(
             f"--- stderr\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+test_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test, when imported
