@@ -1,0 +1,236 @@
+"""Typed configuration for training, registered with Hydra's ConfigStore.
+
+Every key has a typed default and a one-line docstring (the string under the field).
+`conf/config.yaml` puts the schema `base_config` first in its defaults list, so every YAML
+preset and command-line override is merged into it in struct mode: an unknown key or a
+wrong type fails before anything runs. `check_overrides` gives unknown keys a friendlier
+message (the valid keys and the closest match) than Hydra's own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from pretrain.model import GPTConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name: default run directory name and W&B run name."""
+    dir: str = "runs/${run.name}"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, wandb/ are written here."""
+    seed: int = 1337
+    """Seed of model initialisation and dropout (each rank offsets it by its rank)."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/demo"
+    """Directory written by `python -m pretrain.prepare` (holds manifest.json)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+    seed: int = 1234
+    """Seed of the shard and document order; it changes with each epoch."""
+    allow_pipe: bool = False
+    """Allow `pipe:` shard URLs (they run shell commands)."""
+    verify_sha256: bool = False
+    """Check every shard's sha256 against the manifest before training (slow on big data)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matmul weights only (not biases, norms, positions)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    fused: str = "auto"
+    """Fused AdamW kernel: auto (on CUDA), true, false."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """Learning-rate schedule: cosine (warmup + cosine), wsd (warmup-stable-decay), constant."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to optim.lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of optim.lr (cosine and wsd)."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of max_steps spent in the final linear decay."""
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"
+    """Compute precision: fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling)."""
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "single"
+    """single, ddp, zero1, zero2, zero3, zero3_offload, fsdp, fsdp_grad_op, hsdp."""
+    fallback: str = "fsdp"
+    """When DeepSpeed cannot be used: fsdp (run the FSDP equivalent, say so) or error."""
+    deepspeed_config: str = ""
+    """Path to a DeepSpeed JSON whose keys override the generated DeepSpeed config."""
+    reduce_bucket_size: int = 50_000_000
+    """DeepSpeed reduce/allgather bucket size in elements."""
+    hsdp_replicas: int = 0
+    """hsdp: number of replica groups (0 = number of nodes)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    seq_len: int = 256
+    """Tokens per training window (the data is packed at load time; no re-prepare)."""
+    micro_batch: int = 8
+    """Sequences per forward pass per rank."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step over all ranks (0 = micro_batch * seq_len * world_size);
+    gradient accumulation is derived from it."""
+    stop_at_step: int = 0
+    """Save a checkpoint and exit cleanly at this step (0 = off): one schedule over several jobs."""
+    compile: bool = False
+    """Compile the model with torch.compile (in place: checkpoint names do not change)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+    eval_every: int = 200
+    """Validation loss and perplexity every N steps (0 = only at the end)."""
+    eval_batches: int = 10
+    """Micro-batches of the val split per validation."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cuda or cpu."""
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """Log metrics every N steps."""
+    wandb: bool = True
+    """Log to Weights & Biases (offline when no API key; failures never stop training)."""
+    wandb_project: str = "pretrain"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (team); empty = your default."""
+    wandb_mode: str = "auto"
+    """auto (online with WANDB_API_KEY, else offline), online, offline, disabled."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s per device for MFU (0 = look up the device in the peak table)."""
+    progress: bool = True
+    """Show a progress bar on an interactive terminal."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Save a checkpoint every N steps (and always at the end)."""
+    keep_last: int = 3
+    """Keep the newest K complete checkpoints."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in the run dir), none, or a checkpoint directory."""
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = 600
+    """Collective timeout: a dead or stuck rank fails the job within this many seconds."""
+
+
+@dataclass
+class Config:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    """Model architecture (conf/model presets)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prepared shards and loader."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Mixed precision."""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    """Parallelism strategy."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop: steps, batch, sequence length."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console, metrics.jsonl, W&B."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence, retention and resume."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Process group."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run name, directory, seed."""
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+register()
+
+# Hydra config groups whose options are chosen by name (`model=tiny`), not keys.
+GROUPS = ("model", "data", "optim", "schedule", "precision", "strategy", "logging", "checkpoint")
+
+
+def _schema_keys(node: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(node):
+        key = prefix + f.name
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        out[key] = default
+        if is_dataclass(default):
+            out.update(_schema_keys(default, key + "."))
+    return out
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Fail early, with the valid keys, on a command-line override naming an unknown key.
+
+    Hydra would refuse it too, but only says the key is not in the struct."""
+    valid = _schema_keys(Config)
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "hydra.", "hydra/", "+hydra", "~")):
+            continue
+        key = arg.split("=", 1)[0].lstrip("+")
+        if key in GROUPS or key == "experiment" or key in valid:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        siblings = sorted(k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent)
+        if not siblings:
+            siblings = sorted(k for k in valid if "." not in k)
+            parent = "<top level>"
+        close = difflib.get_close_matches(leaf, siblings, n=1)
+        hint = f" Did you mean '{(parent + '.') if '.' in key else ''}{close[0]}'?" if close else ""
+        sys.stderr.write(
+            f"error: unknown config key '{key}'.{hint}\n"
+            f"Valid keys under '{parent}': {', '.join(siblings)}\n"
+        )
+        raise SystemExit(2)
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers (for YAML, JSON and W&B)."""
+    out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,858 @@
+"""Memory planner: per-rank memory of every parallelism strategy, and which one to pick.
+
+    python -m pretrain.plan model=gpt2-1.5b world_size=8 micro_batch=4 precision=bf16 \
+        device_memory_gb=40
+
+prints, per rank, the bytes of parameters, gradients, optimizer state, transient buffers and
+activations (with and without activation checkpointing) for each strategy, and recommends the
+cheapest one, in communication, that fits the device. `estimate(...)` is the Python API.
+
+Notation: Ψ = number of parameters (a tied matrix counts once), N = ranks the model states are
+sharded over (world_size; world_size / nodes for hsdp), "16-bit" = bf16 or fp16. Sizes in GB
+are 1e9 bytes, as in the ZeRO paper.
+
+Model states (Rajbhandari et al. 2019, "ZeRO", section 3 and figure 1). Mixed-precision Adam
+keeps 16Ψ bytes: 16-bit parameters (2Ψ) and gradients (2Ψ), plus an fp32 master copy of the
+parameters, Adam's momentum and variance (4Ψ + 4Ψ + 4Ψ = 12Ψ, the "optimizer state"). Per rank:
+
+    strategy        params        grads         optim                        total (16-bit)
+    single / ddp    4Ψ            4Ψ            8Ψ                           16Ψ
+    zero1           2Ψ            2Ψ            12Ψ/N                        4Ψ + 12Ψ/N
+    zero2           2Ψ            2Ψ/N          12Ψ/N                        2Ψ + 14Ψ/N
+    zero3           2Ψ/N          2Ψ/N          12Ψ/N                        16Ψ/N
+    zero3_offload   CPU: 2Ψ/N     CPU: 6Ψ/N     CPU: 12Ψ/N                   0 GPU + 20Ψ/N CPU
+    fsdp, hsdp      4Ψ/N          4Ψ/N          8Ψ/N                         16Ψ/N
+    fsdp_grad_op    4Ψ/N          4Ψ/N          8Ψ/N                         16Ψ/N (+ 2Ψ unsharded)
+
+- single/ddp train the fp32 model under torch.autocast, so "parameters" are the fp32 weights
+  themselves (no separate master copy) and gradients are fp32: the same 16Ψ, split 4/4/8.
+- zero1/2/3 (DeepSpeed) cast the model to 16-bit; the optimizer owns the fp32 master partition.
+  ZeRO-1 keeps whole 16-bit gradients between the micro-batches of an accumulation (without
+  accumulation DeepSpeed reduces them into the owned partition at once, as ZeRO-2 does);
+  ZeRO-2 reduce-scatters them into the owned partition as backward goes, and also keeps the
+  whole gradient of the one parameter per group that straddles a partition boundary (not
+  counted: +13% of the gradients on the 3M-parameter test model, nothing on a large one).
+- ZeRO-3: `pretrain.engine` sets stage3_param_persistence_threshold=0, so every parameter is
+  partitioned. DeepSpeed's own default (1e5) keeps smaller parameters (biases, norms, small
+  matrices) whole on every rank: pass zero3_persistence_threshold=100_000 to count them.
+- zero3_offload (as `pretrain.engine` configures it: offload_optimizer and offload_param to
+  the CPU) keeps every model state in host memory (`cpu_bytes`), as measured: the 16-bit
+  parameter partition (2Ψ/N), the 16-bit gradient partition (2Ψ/N), the fp32 gradient the
+  optimizer steps on (4Ψ/N) and the fp32 master, momentum and variance (12Ψ/N). The GPU holds
+  only what is gathered for the layers being computed (`buffers`). offload_params=False leaves
+  the 16-bit parameter partition on the GPU (2Ψ/N there, 18Ψ/N on the CPU).
+- FSDP2 (`fully_shard` per block + root, MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32)): what it keeps is the sharded fp32 parameters (they are the master copy),
+  sharded fp32 gradients and sharded optimizer state: 4 + 4 + 8 = 16Ψ/N. During forward and
+  backward it all-gathers one block at a time into transient unsharded 16-bit parameters (plus
+  the next block, prefetched); the root unit (embeddings, final norm, output projection) stays
+  unsharded from the start of forward to the end of backward. fsdp_grad_op
+  (reshard_after_forward=False, ZeRO-2-like) keeps every block unsharded from its forward until
+  its backward, i.e. 2Ψ more at the end of forward. hsdp shards within a node and replicates
+  across nodes: the fsdp formulas with N = world_size / nodes.
+- fp32 training: parameters 4Ψ, gradients 4Ψ, Adam 8Ψ, no master copy (single, ddp, fsdp*) -
+  with one measured exception: DeepSpeed's ZeRO optimizers (stages 1-3) clone their fp32
+  partition even when the model already is fp32, so zero* keep 12Ψ/N of optimizer state in
+  fp32 too (params 4Ψ, grads 4Ψ for zero1; 4Ψ/N grads for zero2; all /N for zero3).
+
+Buffers (`buffers`, transient or communication memory, approximate and not part of the ZeRO
+formulas): the 16-bit copies autocast makes of every Linear weight (single/ddp in 16-bit); DDP's
+gradient buckets (a second fp32 copy of all gradients: torch's default
+gradient_as_bucket_view=False); DeepSpeed's reduce bucket (reduce_bucket_size elements of
+16-bit gradients) and the fp32 gradient partition created for the optimizer step (4Ψ/N);
+ZeRO-3's gathered parameters (the largest module plus one prefetched block); FSDP's unsharded
+root and two blocks, plus one unit's unsharded gradients (16-bit + fp32 for the reduce-scatter).
+
+Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", section 4): a GPT-2 layer stores ≈ s·b·h·(34 + 5·a·s/h) bytes with 16-bit activations
+and dropout, without flash attention (s = sequence, b = micro-batch, h = n_embd, a = heads).
+Counted tensor by tensor for this model (`pretrain.model`), per token and layer, with c = bytes
+of an activation (2 in 16-bit, 4 in fp32) and r = bytes of the residual stream (4 when autocast
+runs an fp32 model, i.e. single/ddp, else c):
+
+    norms        2 · r·h                       LayerNorm input (RMSNorm: 2 · (4 + r)·h, fp32 math)
+    attention    c · (h + (h + 2·h_kv) + h)    c_attn input, q|k|v, SDPA output = c_proj input
+                 + c · (h + h_kv) with RoPE    rotated q and k
+                 + c · a·s without flash       the softmax probabilities [b, a, s, s]
+    MLP          c · (h + 2·m)                 c_fc input, GELU input and output (m = MLP width)
+                 c · (h + 4·m) for SwiGLU      c_fc input, gate|up, silu(gate), silu(gate)·up
+
+In 16-bit with GPT-2's m = 4h that is 32·s·b·h per layer: Korthikanti's 34 less the two
+residual dropout masks (dropout = 0) plus nothing for attention (flash/SDPA stores q, k, v, the
+output and the log-sum-exp; the s² softmax term disappears). Dropout > 0 adds 1-byte masks
+(2h per layer; a·s·(1 + c) more without flash). Once per micro-batch: token ids and targets
+(16 bytes/token), the final norm's and the output projection's inputs, and the logits: the model
+upcasts them to fp32 for the loss (s·b·V·4 bytes each, large for GPT-2's V = 50304), the
+training step holds the logits and the log-softmax output (8V), and the loss backward adds
+their two gradients (8V more): 16·s·b·V bytes at the peak.
+
+With activation checkpointing (per block, non-reentrant) each layer keeps only its input,
+r·s·b·h bytes (Korthikanti's 2sbh), and backward recomputes one block at a time: the peak is
+L·r·s·b·h plus the larger of the loss peak (16V plus the final norm and head inputs) and one
+block's full activations plus its backward's gradient temporaries (r·h + c·m, 2·c·m for SwiGLU)
+with the fp32 logits (4V) still held.
+
+Checked against measurements: tests/distributed/test_plan_memory.py measures the model states
+of every strategy of `pretrain.engine` (2 gloo ranks, tensor by tensor), and
+tests/unit/test_plan.py measures the activation peak of GPT-2- and Llama-style models with
+torch's MemTracker (fp32, autocast bf16, bf16 model; with and without checkpointing).
+
+Not modelled: the CUDA context and allocator fragmentation (`usable_fraction` keeps 10% free by
+default), NCCL buffers, torch.compile workspaces, pipeline or tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.model import GPT, GPTConfig
+
+STRATEGIES = (
+    "single",
+    "ddp",
+    "zero1",
+    "zero2",
+    "zero3",
+    "zero3_offload",
+    "fsdp",
+    "fsdp_grad_op",
+    "hsdp",
+)
+# Cheapest communication first: replicated (one all-reduce of gradients) < ZeRO-1 (reduce-
+# scatter + all-gather, same volume) < ZeRO-2 < FSDP SHARD_GRAD_OP (one parameter all-gather
+# per step) < HSDP (re-gathers parameters, but only inside a node) < ZeRO-3 / FSDP (parameters
+# all-gathered in forward and again in backward: 1.5x the volume; fsdp first, it is native
+# PyTorch) < ZeRO-3 with CPU offload (also PCIe traffic and a CPU optimizer step).
+COMM_ORDER = (
+    "single",
+    "ddp",
+    "zero1",
+    "zero2",
+    "fsdp_grad_op",
+    "hsdp",
+    "fsdp",
+    "zero3",
+    "zero3_offload",
+)
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEEPSPEED = ("zero1", "zero2", "zero3", "zero3_offload")
+FSDP = ("fsdp", "fsdp_grad_op", "hsdp")
+# Strategies that run the fp32 model under torch.autocast (fp32 residual stream, 16-bit weight
+# copies); the others hold 16-bit parameters for compute.
+AUTOCAST = ("single", "ddp")
+
+GB = 1e9
+DEFAULT_VOCAB = 50304  # GPT-2's 50257 ids rounded up to a multiple of 64 (nanoGPT)
+ZERO3_PERSISTENCE_THRESHOLD = 0  # stage3_param_persistence_threshold as pretrain.engine sets it
+REDUCE_BUCKET_SIZE = 50_000_000  # elements; the default of strategy.reduce_bucket_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Model sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts the formulas need, read off the real model built on the meta device."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    """Shape of every parameter (a tied matrix once)."""
+    block: int
+    """Parameters of one transformer block."""
+    n_blocks: int
+    """Number of blocks."""
+    linear_weights: int
+    """Elements of all nn.Linear weights (autocast keeps a 16-bit copy of each)."""
+    largest_module: int
+    """Parameters of the largest leaf module (the embedding, for GPT-2)."""
+
+    @property
+    def total(self) -> int:
+        """Ψ."""
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def root(self) -> int:
+        """Parameters outside the blocks: embeddings, final norm, untied output projection."""
+        return self.total - self.n_blocks * self.block
+
+    @classmethod
+    def from_psi(cls, psi: int) -> ModelSizes:
+        """Sizes of a model known only by its parameter count: one flat tensor, no blocks.
+        Enough for the model-state formulas (the ZeRO paper's examples)."""
+        return cls(
+            shapes=((int(psi),),),
+            block=0,
+            n_blocks=0,
+            linear_weights=int(psi),
+            largest_module=int(psi),
+        )
+
+
+def _key(cfg: GPTConfig) -> tuple[Any, ...]:
+    return tuple(getattr(cfg, f.name) for f in fields(cfg))
+
+
+@lru_cache(maxsize=64)
+def _sizes(key: tuple[Any, ...]) -> ModelSizes:
+    cfg = GPTConfig(*key)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    shapes = tuple(tuple(p.shape) for p in model.parameters())
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    seen: set[int] = set()
+    linear = 0
+    largest = 0
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False)]
+        largest = max(largest, sum(p.numel() for p in own))
+        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            linear += module.weight.numel()
+    return ModelSizes(shapes, block, cfg.n_layer, linear, largest)
+
+
+def model_sizes(cfg: GPTConfig) -> ModelSizes:
+    """Exact parameter counts of `GPT(cfg)` (built on the meta device: no memory, no compute)."""
+    cfg.validate()
+    return _sizes(_key(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model states
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelStates:
+    """Per-rank bytes of parameters, gradients and optimizer state (and their CPU part)."""
+
+    params: int
+    grads: int
+    optim: int
+    cpu_bytes: int = 0
+    shard_size: int = 1
+
+
+def shard_size(strategy: str, world_size: int, nodes: int = 1) -> int:
+    """Ranks the model states are split over: 1 (replicated), world_size, or the ranks of one
+    node for hsdp."""
+    _check_layout(strategy, world_size, nodes)
+    if strategy in ("single", "ddp"):
+        return 1
+    if strategy == "hsdp":
+        return world_size // nodes
+    return world_size
+
+
+def _check_layout(strategy: str, world_size: int, nodes: int) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if nodes < 1 or world_size % nodes:
+        raise ValueError(
+            f"nodes={nodes} must be >= 1 and divide world_size={world_size} "
+            "(hsdp shards over the world_size / nodes ranks of a node)"
+        )
+
+
+def _bytes(precision: str) -> int:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return 4 if precision == "fp32" else 2
+
+
+def model_states(
+    strategy: str,
+    sizes: ModelSizes | int,
+    world_size: int,
+    precision: str,
+    nodes: int = 1,
+    *,
+    offload_params: bool = True,
+    zero3_persistence_threshold: int = ZERO3_PERSISTENCE_THRESHOLD,
+) -> ModelStates:
+    """Bytes per rank of parameters, gradients and Adam state for `strategy` (the table in the
+    module docstring). `sizes` is a ModelSizes or just Ψ."""
+    if isinstance(sizes, int):
+        sizes = ModelSizes.from_psi(sizes)
+    n = shard_size(strategy, world_size, nodes)
+    w = _bytes(precision)  # bytes of a parameter/gradient as the strategy computes with it
+    psi = sizes.total
+
+    def part(elems: int) -> int:  # elements of a flat partition of `elems` (padded to n)
+        return -(-elems // n)
+
+    if strategy in ("single", "ddp"):
+        # fp32 model (autocast in 16-bit): params and grads fp32, Adam momentum + variance.
+        return ModelStates(4 * psi, 4 * psi, 8 * psi, shard_size=n)
+    if strategy in FSDP:
+        # FSDP2 shards every parameter on dim 0, padded to a multiple of n.
+        local = sum(-(-s[0] // n) * math.prod(s[1:]) if s else 1 for s in sizes.shapes)
+        return ModelStates(4 * local, 4 * local, 8 * local, shard_size=n)
+    # DeepSpeed ZeRO: the fp32 master partition + momentum + variance, 12 bytes per owned element
+    # (a separate fp32 copy even when the model is fp32: DeepSpeed clones it).
+    optim = 12 * part(psi)
+    if strategy == "zero1":
+        return ModelStates(w * psi, w * psi, optim, shard_size=n)
+    if strategy == "zero2":
+        return ModelStates(w * psi, w * part(psi), optim, shard_size=n)
+    # ZeRO-3 partitions each parameter separately; small ones also stay whole on every rank.
+    params = sum(w * part(math.prod(s)) for s in sizes.shapes)
+    params += sum(
+        w * math.prod(s) for s in sizes.shapes if math.prod(s) <= zero3_persistence_threshold
+    )
+    if strategy == "zero3":
+        return ModelStates(params, w * part(psi), optim, shard_size=n)
+    # zero3_offload: host memory holds the fp32 master, momentum and variance, the fp32
+    # gradient the CPU step reads, the 16-bit gradient partition and (offload_params) the 16-bit
+    # parameter partition.
+    cpu = optim + 4 * part(psi) + w * part(psi)
+    if offload_params:
+        cpu += params
+        params = 0
+    return ModelStates(params, 0, 0, cpu_bytes=cpu, shard_size=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_token(cfg: GPTConfig, seq_len: int, c: int, r: int, flash: bool) -> tuple[int, int, int]:
+    """(one layer's stored activations, the final norm + head inputs + token ids, one fp32
+    logit row) in bytes per token; the tensor inventory of the module docstring."""
+    C, H = cfg.n_embd, cfg.n_head
+    ckv = cfg.kv_heads * cfg.head_dim
+    m = cfg.mlp_hidden_size
+    if cfg.norm == "rmsnorm":
+        norm = (4 + r) * C + 4  # fp32 input copy + normalised output, 1/rms
+    else:
+        norm = r * C + 8  # input, mean and 1/std
+    attn = c * (C + (C + 2 * ckv) + C) + 4 * H  # + fp32 log-sum-exp per head
+    if cfg.pos_emb == "rope":
+        attn += c * (C + ckv)
+    if not flash:
+        attn += c * H * seq_len
+        if cfg.dropout > 0:
+            attn += H * seq_len * (1 + c)
+    mlp = c * C + (4 if cfg.mlp == "swiglu" else 2) * c * m
+    drop = 2 * C if cfg.dropout > 0 else 0
+    layer = 2 * norm + attn + mlp + drop
+    head = 16 + norm + c * C + (C if cfg.dropout > 0 else 0)
+    return layer, head, 4 * cfg.padded_vocab_size
+
+
+def activation_bytes(
+    cfg: GPTConfig,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    activation_checkpointing: bool,
+    *,
+    fp32_residual: bool = False,
+    flash_attention: bool = True,
+) -> int:
+    """Peak bytes of activations (and the loss's logits) of one micro-batch on one rank.
+
+    fp32_residual: autocast over an fp32 model (the residual stream and norm inputs are fp32);
+    flash_attention: SDPA's fused kernels (no s x s probabilities stored)."""
+    if micro_batch < 1 or seq_len < 1:
+        raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch}, {seq_len}")
+    c = _bytes(precision)
+    r = 4 if fp32_residual else c
+    layer, head, logit = _per_token(cfg, seq_len, c, r, flash_attention)
+    tokens = micro_batch * seq_len
+    loss_peak = head + 4 * logit  # logits + log-softmax + their gradients, all fp32
+    if not activation_checkpointing:
+        return tokens * (cfg.n_layer * layer + loss_peak)
+    kept = cfg.n_layer * r * cfg.n_embd  # each block's input
+    # Backward of the block being recomputed: its full activations, the fp32 logits (still
+    # held by the training step), the gradient of the block output and, net, one more MLP-width
+    # gradient (two for SwiGLU) while the MLP's backward runs.
+    grad_temps = r * cfg.n_embd + (2 if cfg.mlp == "swiglu" else 1) * c * cfg.mlp_hidden_size
+    recompute = layer + logit + grad_temps
+    return tokens * (kept + max(loss_peak, recompute))
+
+
+def buffer_bytes(
+    strategy: str,
+    sizes: ModelSizes,
+    world_size: int,
+    precision: str,
+    nodes: int = 1,
+    *,
+    reduce_bucket_size: int = REDUCE_BUCKET_SIZE,
+) -> int:
+    """Transient and communication memory per rank (approximate; see the module docstring)."""
+    n = shard_size(strategy, world_size, nodes)
+    w = _bytes(precision)
+    psi = sizes.total
+    part = -(-psi // n)
+    unit = max(sizes.root, sizes.block)
+    if strategy in AUTOCAST:
+        copies = 2 * sizes.linear_weights if precision != "fp32" else 0
+        bucket = 4 * psi if strategy == "ddp" and world_size > 1 else 0
+        return copies + bucket
+    # DeepSpeed allocates its reduce bucket at full size, however small the model.
+    bucket = w * reduce_bucket_size
+    if strategy in ("zero1", "zero2"):
+        return bucket + 4 * part  # + the fp32 gradient partition built for the step
+    if strategy in ("zero3", "zero3_offload"):
+        gathered = w * (sizes.largest_module + sizes.block)
+        step = 4 * part if strategy == "zero3" else 0  # offloaded: the fp32 gradient is on the CPU
+        return gathered + bucket + step
+    # FSDP2: unsharded root + current and prefetched block (fsdp, hsdp) or every block
+    # (fsdp_grad_op), plus one unit's unsharded gradients (compute dtype + fp32 reduce copy).
+    if strategy == "fsdp_grad_op":
+        unsharded = w * psi
+    else:
+        unsharded = w * (sizes.root + 2 * sizes.block)
+    grads = (w + 4) * unit if w != 4 else 4 * unit
+    return unsharded + grads
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per rank. `total` is what the accelerator must hold; `cpu_bytes` is host memory
+    (zero3_offload's optimizer)."""
+
+    strategy: str
+    world_size: int
+    shard_size: int
+    precision: str
+    activation_checkpointing: bool
+    params: int
+    grads: int
+    optim: int
+    activations: int
+    buffers: int
+    cpu_bytes: int = 0
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total = self.params + self.grads + self.optim + self.activations + self.buffers
+
+    @property
+    def model_states(self) -> int:
+        """Parameters + gradients + optimizer state on the accelerator (the ZeRO formulas)."""
+        return self.params + self.grads + self.optim
+
+
+def estimate(
+    model_cfg: GPTConfig,
+    strategy: str,
+    world_size: int,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    activation_checkpointing: bool,
+    nodes: int = 1,
+    *,
+    flash_attention: bool = True,
+    offload_params: bool = True,
+    reduce_bucket_size: int = REDUCE_BUCKET_SIZE,
+    zero3_persistence_threshold: int = ZERO3_PERSISTENCE_THRESHOLD,
+) -> MemoryEstimate:
+    """Per-rank memory of training `model_cfg` with `strategy` on `world_size` ranks (`nodes`
+    nodes, for hsdp), micro-batches of `micro_batch` x `seq_len` tokens, Adam(W)."""
+    if seq_len > model_cfg.block_size:
+        raise ValueError(
+            f"seq_len={seq_len} is longer than model.block_size={model_cfg.block_size}"
+        )
+    sizes = model_sizes(model_cfg)
+    states = model_states(
+        strategy,
+        sizes,
+        world_size,
+        precision,
+        nodes,
+        offload_params=offload_params,
+        zero3_persistence_threshold=zero3_persistence_threshold,
+    )
+    acts = activation_bytes(
+        model_cfg,
+        micro_batch,
+        seq_len,
+        precision,
+        activation_checkpointing,
+        fp32_residual=precision == "fp32" or strategy in AUTOCAST,
+        flash_attention=flash_attention,
+    )
+    buffers = buffer_bytes(
+        strategy,
+        sizes,
+        world_size,
+        precision,
+        nodes,
+        reduce_bucket_size=reduce_bucket_size,
+    )
+    return MemoryEstimate(
+        strategy=strategy,
+        world_size=world_size,
+        shard_size=states.shard_size,
+        precision=precision,
+        activation_checkpointing=activation_checkpointing,
+        params=states.params,
+        grads=states.grads,
+        optim=states.optim,
+        activations=acts,
+        buffers=buffers,
+        cpu_bytes=states.cpu_bytes,
+    )
+
+
+def candidates(world_size: int, nodes: int = 1) -> list[str]:
+    """Strategies worth recommending for this layout, cheapest communication first: single for
+    one rank, ddp for several; hsdp only across several nodes (with one it is fsdp)."""
+    out = []
+    for s in COMM_ORDER:
+        if s == "single" and world_size > 1:
+            continue
+        if s == "ddp" and world_size == 1:
+            continue
+        if s == "hsdp" and nodes == 1:
+            continue
+        out.append(s)
+    return out
+
+
+@dataclass
+class Recommendation:
+    strategy: str | None
+    """The cheapest strategy that fits, or None."""
+    message: str
+    """One paragraph for a human: the choice and why, or why nothing fits and what to change."""
+
+
+def recommend(
+    model_cfg: GPTConfig,
+    world_size: int,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    activation_checkpointing: bool,
+    device_memory_gb: float,
+    nodes: int = 1,
+    *,
+    usable_fraction: float = 0.9,
+    host_memory_gb: float = 0.0,
+    **kw: Any,
+) -> Recommendation:
+    """The first strategy in COMM_ORDER whose estimate fits `usable_fraction` of the device
+    (and, when host_memory_gb > 0, whose CPU part fits the host's share per rank)."""
+    if device_memory_gb <= 0 or not 0 < usable_fraction <= 1:
+        raise ValueError(
+            f"device_memory_gb must be > 0 and usable_fraction in (0, 1], got "
+            f"{device_memory_gb} and {usable_fraction}"
+        )
+    budget = device_memory_gb * GB * usable_fraction
+    ranks_per_node = world_size // nodes
+    host_budget = host_memory_gb * GB / ranks_per_node if host_memory_gb > 0 else math.inf
+
+    def fits(e: MemoryEstimate) -> bool:
+        return e.total <= budget and e.cpu_bytes <= host_budget
+
+    def est(s: str, ac: bool, mb: int = micro_batch, ws: int = world_size) -> MemoryEstimate:
+        return estimate(model_cfg, s, ws, mb, seq_len, precision, ac, nodes, **kw)
+
+    names = candidates(world_size, nodes)
+    for s in names:
+        e = est(s, activation_checkpointing)
+        if fits(e):
+            why = (
+                f"{s}: the cheapest in communication that fits ({e.total / GB:.2f} GB of "
+                f"{budget / GB:.2f} GB usable = {usable_fraction:.0%} of {device_memory_gb:g} GB"
+            )
+            cheaper = names[: names.index(s)]
+            if cheaper:
+                needs = ", ".join(
+                    f"{c} {est(c, activation_checkpointing).total / GB:.2f}" for c in cheaper
+                )
+                why += f"; cheaper ones need {needs} GB"
+            return Recommendation(s, why + ").")
+
+    # Nothing fits: say by how much, and what would make it fit.
+    best = min(names, key=lambda s: est(s, activation_checkpointing).total)
+    e = est(best, activation_checkpointing)
+    lines = [
+        f"nothing fits: the smallest is {best} at {e.total / GB:.2f} GB per rank "
+        f"(activations {e.activations / GB:.2f} GB) > {budget / GB:.2f} GB usable."
+    ]
+    if not activation_checkpointing:
+        for s in names:
+            if fits(est(s, True)):
+                lines.append(
+                    f"Set activation_checkpointing=true: {s} then needs "
+                    f"{est(s, True).total / GB:.2f} GB."
+                )
+                break
+    for ac in (activation_checkpointing, True):
+        mb = next((m for m in range(micro_batch - 1, 0, -1) if fits(est(best, ac, mb=m))), 0)
+        if mb:
+            with_ac = (
+                " with activation checkpointing" if ac and not activation_checkpointing else ""
+            )
+            lines.append(
+                f"Lower micro_batch to {mb}{with_ac} ({best}; keep the global batch with "
+                "gradient accumulation)."
+            )
+            break
+    if e.activations > budget:
+        lines.append("Activations alone exceed the usable memory: more ranks cannot help.")
+    sharded = "zero3_offload" if best == "zero3_offload" else "fsdp"
+    for ws in (2**k for k in range(1, 13)):
+        if (
+            ws > world_size
+            and ws % nodes == 0
+            and fits(est(sharded, activation_checkpointing, ws=ws))
+        ):
+            lines.append(f"Or shard over more ranks: {sharded} fits at world_size={ws}.")
+            break
+    if host_budget < math.inf and e.cpu_bytes > host_budget:
+        lines.append(
+            f"zero3_offload's CPU part ({e.cpu_bytes / GB:.2f} GB per rank) exceeds the host's "
+            f"{host_budget / GB:.2f} GB per rank."
+        )
+    return Recommendation(None, " ".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (Hydra): python -m pretrain.plan model=<preset> world_size=8 ...
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanConfig:
+    defaults: list[Any] = field(
+        # _self_ first: the preset must override the schema's defaults, not the reverse.
+        default_factory=lambda: [
+            "_self_",
+            {"model": "gpt2-124m"},
+            {"override hydra/job_logging": "none"},
+            {"override hydra/hydra_logging": "none"},
+        ]
+    )
+    model: GPTConfig = field(default_factory=GPTConfig)
+    """Architecture: a conf/model preset (model=gpt2-350m) and/or model.<key>=... overrides."""
+    strategy: str = "all"
+    """One of single, ddp, zero1, zero2, zero3, zero3_offload, fsdp, fsdp_grad_op, hsdp, or all."""
+    world_size: int = 8
+    """Total ranks (processes, one per GPU)."""
+    nodes: int = 1
+    """Nodes the ranks are spread over (hsdp shards within a node, replicates across nodes)."""
+    micro_batch: int = 8
+    """Sequences per forward pass per rank."""
+    seq_len: int = 0
+    """Tokens per sequence (0 = model.block_size)."""
+    precision: str = "bf16"
+    """fp32, bf16 or fp16."""
+    vocab_size: int = 0
+    """Vocabulary size (0 = model.vocab_size, or 50304, GPT-2's padded vocabulary, when the
+    preset leaves it to the data)."""
+    device_memory_gb: float = 80.0
+    """Accelerator memory per rank, in GB (1e9 bytes)."""
+    usable_fraction: float = 0.9
+    """Fraction of device memory an estimate may fill (the rest: CUDA context, fragmentation)."""
+    host_memory_gb: float = 0.0
+    """Host memory per node for zero3_offload's CPU part (0 = not checked)."""
+    activation_checkpointing: bool = False
+    """Recommend with activation checkpointing (both are printed)."""
+    flash_attention: bool = True
+    """SDPA flash/memory-efficient attention (no s x s attention matrix stored)."""
+    offload_params: bool = True
+    """zero3_offload moves the 16-bit parameter partition to the CPU too (as pretrain.engine)."""
+    reduce_bucket_size: int = REDUCE_BUCKET_SIZE
+    """DeepSpeed reduce bucket, in elements (strategy.reduce_bucket_size)."""
+    hydra: Any = field(
+        default_factory=lambda: {
+            "run": {"dir": "."},
+            "output_subdir": None,
+            "job": {"chdir": False},
+        }
+    )
+
+
+MODEL_PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+def register() -> None:
+    """Store the `plan` primary config and the conf/model presets in Hydra's ConfigStore.
+
+    Only the model group is taken from conf/: the training config's other groups (strategy,
+    precision) would turn this tool's plain `strategy=`/`precision=` keys into group choices.
+    Each preset is merged into the GPTConfig schema, so a preset or override naming an unknown
+    model key fails."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    cs = ConfigStore.instance()
+    cs.store(name="plan", node=PlanConfig)
+    for path in sorted(MODEL_PRESETS.glob("*.yaml")):
+        cs.store(group="model", name=path.stem, node=OmegaConf.load(path))
+
+
+def _fmt(x: int, unit: float) -> str:
+    return f"{x / unit:.2f}"
+
+
+def plan_report(cfg: Any) -> tuple[str, Recommendation | None]:
+    """The printed table and the recommendation for a PlanConfig (or its DictConfig)."""
+    mc = GPTConfig.from_mapping(dict(cfg.model))
+    if cfg.vocab_size:
+        mc.vocab_size = cfg.vocab_size
+    elif mc.vocab_size == 0:
+        mc.vocab_size = DEFAULT_VOCAB
+    seq_len = cfg.seq_len or mc.block_size
+    names = list(STRATEGIES) if cfg.strategy == "all" else [cfg.strategy]
+    for s in names:
+        _check_layout(s, cfg.world_size, cfg.nodes)
+    kw = dict(
+        flash_attention=cfg.flash_attention,
+        offload_params=cfg.offload_params,
+        reduce_bucket_size=cfg.reduce_bucket_size,
+    )
+    args = (cfg.world_size, cfg.micro_batch, seq_len, cfg.precision)
+    rows = []
+    for s in names:
+        off = estimate(mc, s, *args, False, cfg.nodes, **kw)
+        on = estimate(mc, s, *args, True, cfg.nodes, **kw)
+        rows.append((s, off, on))
+    psi = model_sizes(mc).total
+    largest = max(max(off.total, on.total, off.cpu_bytes) for _, off, on in rows)
+    unit, uname = (GB, "GB") if largest >= GB else (1e6, "MB")
+    budget = cfg.device_memory_gb * GB * cfg.usable_fraction
+    out = [
+        f"Memory per rank: {psi / 1e6:.1f}M parameters (n_layer={mc.n_layer}, "
+        f"n_embd={mc.n_embd}, vocab {mc.padded_vocab_size}), world_size={cfg.world_size}, "
+        f"nodes={cfg.nodes}, micro_batch={cfg.micro_batch}, seq_len={seq_len}, "
+        f"precision={cfg.precision}",
+        f"{uname} ({'1e9' if uname == 'GB' else '1e6'} bytes). act = activations, AC = with "
+        "activation checkpointing, buffers = transient/communication, cpu = host memory",
+        "",
+    ]
+    head = (
+        "strategy",
+        "shard",
+        "params",
+        "grads",
+        "optim",
+        "buffers",
+        "act",
+        "act+AC",
+        "total",
+        "total+AC",
+        "cpu",
+        "fits",
+    )
+    table = [head]
+    for s, off, on in rows:
+        chosen = on if cfg.activation_checkpointing else off
+        ok = chosen.total <= budget
+        table.append(
+            (
+                s,
+                str(off.shard_size),
+                _fmt(off.params, unit),
+                _fmt(off.grads, unit),
+                _fmt(off.optim, unit),
+                _fmt(off.buffers, unit),
+                _fmt(off.activations, unit),
+                _fmt(on.activations, unit),
+                _fmt(off.total, unit),
+                _fmt(on.total, unit),
+                _fmt(off.cpu_bytes, unit),
+                "yes" if ok else "no",
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for r in table:
+        out.append(
+            "  ".join(
+                v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))
+            )
+        )
+    out.append("")
+    out.append(
+        f"fits = total{'+AC' if cfg.activation_checkpointing else ''} <= {budget / GB:.2f} GB "
+        f"({cfg.usable_fraction:.0%} of device_memory_gb={cfg.device_memory_gb:g})"
+    )
+    rec = None
+    if cfg.strategy == "all":
+        rec = recommend(
+            mc,
+            cfg.world_size,
+            cfg.micro_batch,
+            seq_len,
+            cfg.precision,
+            cfg.activation_checkpointing,
+            cfg.device_memory_gb,
+            cfg.nodes,
+            usable_fraction=cfg.usable_fraction,
+            host_memory_gb=cfg.host_memory_gb,
+            **kw,
+        )
+        out.append(f"Recommendation: {rec.message}")
+    return "\n".join(out), rec
+
+
+def check_keys(argv: list[str]) -> None:
+    """Fail early, naming the valid keys and the closest match, on an unknown `key=value`
+    (Hydra refuses it too, but only says the key is not in the struct)."""
+    import difflib
+
+    top = [f.name for f in fields(PlanConfig) if f.name not in ("defaults", "hydra")]
+    model = [f.name for f in fields(GPTConfig)]
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "hydra", "+hydra", "~")):
+            continue
+        key = arg.split("=", 1)[0].lstrip("+")
+        parent, _, leaf = key.rpartition(".")
+        valid = model if parent == "model" else top
+        if (parent in ("", "model") and leaf in valid) or key == "model":
+            continue
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+        where = "model" if parent == "model" else "the top level"
+        sys.stderr.write(
+            f"error: unknown key '{key}'.{hint}\nValid keys at {where}: {', '.join(valid)}\n"
+        )
+        raise SystemExit(2)
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    check_keys(sys.argv[1:])
+    register()
+
+    @hydra.main(config_path=None, config_name="plan", version_base=None)
+    def _main(cfg: DictConfig) -> None:
+        try:
+            text, _ = plan_report(cfg)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        print(text, flush=True)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
