@@ -90,8 +90,12 @@ def main() -> None:
     args = ap.parse_args()
     vocab = json.loads((Path(args.data) / "manifest.json").read_text())["vocab_size"]
     peak = measure_matmul_flops()
-    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
-    print("| model | params | ours tok/s | HF GPT2LMHeadModel tok/s | ratio | ours FLOP/s / matmul peak |")
+    print(
+        f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)"
+    )
+    print(
+        "| model | params | ours tok/s | HF GPT2LMHeadModel tok/s | ratio | ours FLOP/s / matmul peak |"
+    )
     print("|---|---|---|---|---|---|")
     for name in args.models:
         cfg = preset(name, vocab)

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain import dist
 

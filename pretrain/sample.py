@@ -63,9 +63,13 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
 
 
 def sample(cfg: SampleConfig) -> list[str]:
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     model, tok = load_model(cfg.checkpoint, device)
-    start = tok.encode(cfg.prompt) if cfg.prompt else [tok.bos_id if tok.bos_id >= 0 else tok.eos_id]
+    start = (
+        tok.encode(cfg.prompt) if cfg.prompt else [tok.bos_id if tok.bos_id >= 0 else tok.eos_id]
+    )
     idx = torch.tensor([start] * cfg.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(

@@ -10,6 +10,7 @@ current step is finished and a checkpoint saved, so that a launcher requeues the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -28,12 +29,12 @@ from pretrain import checkpoint, dist
 from pretrain.config import Config, ConfigError, check_overrides, to_dict
 from pretrain.data.loader import TokenLoader
 from pretrain.data.shards import DataError, is_local, local_path, read_manifest
-from pretrain.tokenizer import file_sha256
 from pretrain.engine import Engine, create_engine
 from pretrain.flops import flops_per_token, peak_flops
 from pretrain.metrics import Metrics, memory_bytes, new_run_id, plot_loss_curve
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizer, lr_at
+from pretrain.tokenizer import file_sha256
 
 EXIT_REQUEUE = 75
 
@@ -250,26 +251,23 @@ def train(cfg: Config) -> int:
         nonfinite |= ~torch.isfinite(step_loss)
         if cfg.precision.dtype != "fp16":  # fp16's scaler skips overflowing steps by design
             nonfinite |= ~torch.isfinite(grad_norm)
-        preempted = engine.any_rank(preempt.signum is not None)
-
         log_now = step % cfg.logging.every == 0 or step == cfg.train.max_steps
+        # Ranks agree on a signal at logging steps only: the loss all-reduce syncs there anyway,
+        # and a per-step collective would stall the GPU queue every step.
+        preempted = log_now and engine.any_rank(preempt.signum is not None)
         stopping = step == cfg.train.stop_at_step
         ckpt_now = (
-            step % cfg.checkpoint.every == 0
-            or step == cfg.train.max_steps
-            or preempted
-            or stopping
+            step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps or preempted or stopping
         )
-        if log_now or ckpt_now:
-            # A NaN must never reach a checkpoint: the last good one has to survive it.
-            if engine.any_rank(bool(nonfinite.item())):
-                raise NonFiniteLoss(
-                    f"the loss became NaN/inf between step {step - steps_since} and step {step}. "
-                    f"Nothing was saved after it; the last good checkpoint is "
-                    f"{checkpoint.find_resume(ckpt_root, 'auto') or 'none'}. Lower optim.lr, "
-                    "raise schedule.warmup_steps, use precision=bf16 instead of fp16, or check "
-                    "the data; then resume with checkpoint.resume=auto."
-                )
+        # A NaN must never reach a checkpoint: the last good one has to survive it.
+        if (log_now or ckpt_now) and engine.any_rank(bool(nonfinite.item())):
+            raise NonFiniteLoss(
+                f"the loss became NaN/inf between step {step - steps_since} and step {step}. "
+                f"Nothing was saved after it; the last good checkpoint is "
+                f"{checkpoint.find_resume(ckpt_root, 'auto') or 'none'}. Lower optim.lr, "
+                "raise schedule.warmup_steps, use precision=bf16 instead of fp16, or check "
+                "the data; then resume with checkpoint.resume=auto."
+            )
         if log_now:
             elapsed = time.perf_counter() - t_last
             tps = steps_since * tokens_per_step / elapsed
@@ -290,8 +288,10 @@ def train(cfg: Config) -> int:
             loss_sum.zero_()
             t_last, steps_since = time.perf_counter(), 0
         metrics.advance(step)
-        if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 or (
-            step == cfg.train.max_steps and cfg.train.eval_batches > 0
+        if (
+            cfg.train.eval_every > 0
+            and step % cfg.train.eval_every == 0
+            or (step == cfg.train.max_steps and cfg.train.eval_batches > 0)
         ):
             val = evaluate(engine, cfg, data_dir, device)
             metrics.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
@@ -336,10 +336,8 @@ def _main(cfg: DictConfig) -> None:
         code = 1
     finally:
         if dist.initialized():
-            try:
+            with contextlib.suppress(Exception):  # best effort on the way out
                 torch.distributed.destroy_process_group()
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
     # os._exit would skip W&B's flush; sys.exit after teardown is safe.
     sys.stdout.flush()
     if code:

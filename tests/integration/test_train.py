@@ -252,3 +252,39 @@ def test_config_and_sample(tiny_data: Path, tmp_path: Path) -> None:
     )
     assert "----- sample 0 -----" in out.stdout
     assert out.stdout.split("-----\n", 1)[1].startswith("def")
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_and_exits_for_requeue(
+    tiny_data: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The signal goes to the whole process group, DataLoader workers included, as Slurm
+    delivers it: the step finishes, a checkpoint is saved, the exit status is 75."""
+    import os
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.train", "experiment=debug", f"data.dir={tiny_data}",
+           f"run.dir={run}", "train.max_steps=100000", "checkpoint.every=100000",
+           "data.num_workers=2"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 3
+    ):
+        time.sleep(0.2)
+    os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "preempted" in out
+    saved = checkpoint.find_resume(run / "checkpoints", "auto")
+    assert saved is not None
+    step = json.loads((saved / "train_state.json").read_text())["step"]
+    assert step >= 3 and max(losses(run)) == step
+    out2 = ok(train_cli(tiny_data, run, f"train.max_steps={step + 2}"))
+    assert f"(step {step})" in out2.stdout
+    assert sorted(losses(run)) == list(range(1, step + 3))
