@@ -102,6 +102,7 @@ def evaluate(engine: Engine, cfg: Config, data_dir: str, device: torch.device) -
 
 def train(cfg: Config) -> int:
     # ---- setup: process group, device, run directory ------------------------------------
+    preempt = Preemption()  # first: a signal during a slow startup must not kill us unsaved
     engine = create_engine(cfg)
     device = engine.device
     run_dir = Path(cfg.run.dir)
@@ -120,7 +121,6 @@ def train(cfg: Config) -> int:
         if not run_tok.is_file() and is_local(data_dir):
             shutil.copyfile(local_path(data_dir) / manifest.tokenizer, run_tok)
     dist.barrier()
-    preempt = Preemption()
 
     accum, tokens_per_step = batch_geometry(cfg, engine.world_size)
     engine.accum = accum
