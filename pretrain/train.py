@@ -89,7 +89,13 @@ def evaluate(engine: Engine, cfg: Config, data_dir: str, device: torch.device) -
     # Every rank evaluates the same val batches: sharded strategies need every rank in every
     # forward, and the val split is small. The mean is therefore already global.
     loader = TokenLoader(
-        data_dir, "val", cfg.train.seq_len, cfg.train.micro_batch, seed=cfg.data.seed, loop=False
+        data_dir,
+        "val",
+        cfg.train.seq_len,
+        cfg.train.micro_batch,
+        seed=cfg.data.seed,
+        loop=False,
+        allow_pipe=cfg.data.allow_pipe,
     )
     total, n = torch.zeros((), device=device), 0
     for x, y in loader:
