@@ -189,6 +189,9 @@ def save(
 def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     """Fill `state` (same structure as the engine's state_dict) in place from `path`.
     Returns the saved train_state."""
+    meta = dcp.FileSystemReader(str(path / "dcp")).read_metadata()
+    if "scaler" in state and not any(k.startswith("scaler.") for k in meta.state_dict_metadata):
+        state.pop("scaler")  # saved without fp16: the loss scaler starts fresh
     dcp.load(state, checkpoint_id=str(path / "dcp"))
     return json.loads((path / "train_state.json").read_text())
 

@@ -154,6 +154,7 @@ def train(cfg: Config) -> int:
     if cfg.train.compile:
         # In place: parameter names (and so checkpoints) stay those of the plain model.
         model.compile()
+    n_params = model.num_params()  # before setup: ZeRO-3 partitions parameters in place
     engine.setup(model, lambda m: build_optimizer(m, cfg.optim, device))
     torch.manual_seed(cfg.run.seed + 1 + engine.rank)  # dropout differs per rank
 
@@ -195,7 +196,6 @@ def train(cfg: Config) -> int:
         start_step=step,
         progress=cfg.logging.progress,
     )
-    n_params = model.num_params()
     fpt = flops_per_token(model_cfg, cfg.train.seq_len)
     peak = cfg.logging.peak_flops or peak_flops(
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

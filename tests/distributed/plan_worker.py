@@ -173,9 +173,9 @@ def run_case(case: str) -> dict[str, Any]:
     # Tear down so that the next strategy starts from a clean Accelerate/DeepSpeed state.
     del engine
     gc.collect()
-    from accelerate.state import AcceleratorState
+    from pretrain.engine import reset_accelerate_state
 
-    AcceleratorState._reset_state()
+    reset_accelerate_state()
     return {"case": case, "rank": dist.rank(), "measured": measured}
 
 

@@ -1,0 +1,264 @@
+"""What every strategy provides to the training loop, and the Accelerator they share.
+
+The loop sees one `Engine`: `micro_step` (forward + backward of one micro-batch),
+`optimizer_step` (clip, step, zero), and `state_dict`/`load_state_dict` in one portable,
+fully-qualified-name-keyed form that `pretrain.checkpoint` writes with torch's distributed
+checkpoint (DCP). Because every strategy speaks that form, a checkpoint saved under one
+strategy and world size loads under any other:
+
+    {"model": {fqn: tensor},                      # fp32 weights (DTensor shards under FSDP)
+     "optim": {"state": {fqn: {"step", "exp_avg", "exp_avg_sq"}},
+               "param_groups": [{hyperparameters..., "params": [fqn, ...]}, ...]},
+     "scaler": {"scale", "growth_tracker"}}       # fp16 only
+
+i.e. exactly what `torch.distributed.checkpoint.state_dict.get_model_state_dict` and
+`get_optimizer_state_dict` produce for the plain model and a torch optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from torch import nn
+
+from pretrain import dist as pdist
+from pretrain.config import Config
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(cfg: Config) -> str:
+    want = cfg.train.device
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible: use train.device=cpu")
+    return want
+
+
+def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
+    """The Accelerator owns process-group setup (torchrun/accelerate/Slurm env) and the device.
+
+    On CPU the process group must be gloo; the collective timeout is what makes a dead rank
+    fail the job instead of hanging it. With a DeepSpeed plugin, `cpu=True` is not passed: the
+    gloo process group alone keeps DeepSpeed on CPU."""
+    cpu = pick_device(cfg) == "cpu"
+    pg = InitProcessGroupKwargs(
+        backend="gloo" if cpu else "nccl", timeout=timedelta(seconds=cfg.dist.timeout_s)
+    )
+    use_cpu_flag = cpu and "deepspeed_plugin" not in kwargs
+    # Precision is `precision=`'s business alone: an ACCELERATE_MIXED_PRECISION left in the
+    # environment by `accelerate launch` must not add a second autocast around the model.
+    kwargs.setdefault("mixed_precision", "no")
+    # Only a launched multi-process job gets process-group kwargs: given a backend, Accelerate
+    # assumes a process group exists even in a lone `python -m pretrain.train`. DeepSpeed always
+    # runs in a process group (one rank in a lone process, see `lone_process_group_env`).
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "deepspeed_plugin" in kwargs
+    # `strategy=` picks the parallelism, not the launcher: `accelerate launch --use_deepspeed` or
+    # `--use_fsdp` would otherwise turn Accelerate's own DeepSpeed/FSDP plugin on underneath.
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        if "deepspeed_plugin" not in kwargs and os.environ.pop(var, "").lower() == "true":
+            log0(
+                f"strategy={cfg.strategy.name}: ignoring {var}=true from the launcher; the "
+                "strategy is chosen by strategy=<name> (zero1/2/3 run DeepSpeed, fsdp FSDP2)"
+            )
+    return Accelerator(cpu=use_cpu_flag, kwargs_handlers=[pg] if launched else [], **kwargs)
+
+
+def lone_process_group_env() -> None:
+    """A lone `python -m pretrain.train` (no torchrun, no accelerate launch) with a sharded
+    strategy: describe a 1-rank process group in the environment (as torchrun would), so that
+    DeepSpeed does not go looking for MPI and FSDP has a group to shard over (of size 1)."""
+    if "WORLD_SIZE" in os.environ or "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+
+
+def ensure_process_group(cfg: Config) -> None:
+    """Start the (1-rank) process group `lone_process_group_env` described, if nobody did."""
+    if dist.is_initialized():
+        return
+    cpu = pick_device(cfg) == "cpu"
+    dist.init_process_group(
+        backend="gloo" if cpu else "nccl", timeout=timedelta(seconds=cfg.dist.timeout_s)
+    )
+
+
+def log0(msg: str) -> None:
+    """One line on stdout from global rank 0 only."""
+    if pdist.is_main():
+        print(msg, flush=True)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this rank stores: the local shard of a DTensor, else `t` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of memory actually held by `tensors`: each underlying storage counted once, so
+    views into one flat buffer (DeepSpeed's partitions, FSDP's shards) are not double-counted
+    and a tied weight counts once."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        t = local_tensor(t)
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if storage.nbytes() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def scaler_state(scale: float, growth_tracker: int) -> dict[str, torch.Tensor]:
+    """The loss scaler's state in the one form every strategy saves (fp16 only)."""
+    return {
+        "scale": torch.tensor(float(scale), dtype=torch.float64),
+        "growth_tracker": torch.tensor(int(growth_tracker), dtype=torch.int64),
+    }
+
+
+def scaler_state_of(scaler: torch.amp.GradScaler) -> dict[str, torch.Tensor]:
+    return scaler_state(scaler.get_scale(), scaler._get_growth_tracker())
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, torch.Tensor]) -> None:
+    sd = scaler.state_dict()
+    sd["scale"] = float(state["scale"].item())
+    sd["_growth_tracker"] = int(state["growth_tracker"].item())
+    scaler.load_state_dict(sd)
+
+
+class Engine(ABC):
+    """A model and optimizer wrapped for one strategy."""
+
+    name: str
+    accelerator: Accelerator
+    model: nn.Module  # wrapped for the strategy (DDP, FSDP, DeepSpeedEngine, or bare)
+    raw_model: nn.Module  # the plain GPT inside
+    optimizer: torch.optim.Optimizer  # the torch optimizer (not a wrapper)
+
+    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.dtype = DTYPES[cfg.precision.dtype]
+        self.accum = 1  # set by the loop once the batch geometry is known
+        self.name = cfg.strategy.name
+
+    # -- process facts ----------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.world_size
+        return t
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (a collective: call on all)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    # -- the strategy ----------------------------------------------------------------------
+    @abstractmethod
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        """Wrap `model` for the strategy, then build its optimizer (after sharding)."""
+
+    @abstractmethod
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch x, y: [B, T]; gradients accumulate until
+        `optimizer_step`. `last` marks the final micro-batch of a step (sync gradients now).
+        Returns the micro-batch's mean loss, detached, unscaled."""
+
+    @abstractmethod
+    def optimizer_step(self, lr: float, max_norm: float) -> torch.Tensor:
+        """Set the learning rate, clip (max_norm > 0), step and zero the gradients.
+        Returns the global gradient norm before clipping (a 0-dim tensor)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """{"model": ..., "optim": ...} keyed by parameter names (DCP-ready; may hold DTensors)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of `state_dict`; `state` has the structure `state_dict()` returned."""
+
+    def save_native(self, path: str) -> None:  # noqa: B027 - optional hook
+        """Also save the backend's own checkpoint format (DeepSpeed writes one)."""
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        with self.autocast():
+            _, loss = self.model(x, y)
+        self.model.train()
+        return loss.detach().float()
+
+    def unwrapped(self) -> nn.Module:
+        return self.raw_model
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
+
+    # -- introspection (tests, benchmarks) -------------------------------------------------
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes this rank holds right now, measured from the live tensors (not formulas):
+        params (the model's parameters, local shards only), grads, optim (optimizer state
+        such as exp_avg/exp_avg_sq), master and master_grads (separate fp32 master weights and
+        their gradients, if the strategy keeps any: DeepSpeed does).
+        Call it between the last micro_step and optimizer_step to see gradients."""
+        params = list(self.raw_model.parameters())
+        states = [
+            v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+        ]
+        return {
+            "params": storage_bytes(params),
+            "grads": storage_bytes(p.grad for p in params),
+            "optim": storage_bytes(v for v in states if v.dim() > 0),
+            "master": 0,
+            "master_grads": 0,
+        }

@@ -1,0 +1,77 @@
+"""single and ddp: the model replicated on every rank, gradients all-reduced (Accelerate's DDP).
+
+Mixed precision is ours rather than Accelerate's: Accelerate ignores fp16 on CPU, and one
+autocast + GradScaler path keeps every device and strategy numerically the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from pretrain.config import ConfigError
+from pretrain.engine.base import Engine, OptimizerFactory, load_scaler_state, scaler_state_of
+
+
+class DDPEngine(Engine):
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        self.raw_model = model
+        if self.world_size > 1 and self.name == "single":
+            raise ConfigError(
+                f"strategy=single runs one process, but {self.world_size} were launched: "
+                "use strategy=ddp (or a sharded strategy) for multi-process runs"
+            )
+        model = model.to(self.device)
+        optimizer = make_optimizer(model)
+        # prepare() wraps in DistributedDataParallel when there are several processes.
+        self.model, wrapped_opt = self.accelerator.prepare(model, optimizer)
+        self.optimizer = wrapped_opt.optimizer
+        # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
+        sync = last or self.world_size == 1
+        # Skip the gradient all-reduce on all but the last micro-batch of a step.
+        ctx = contextlib.nullcontext() if sync else self.model.no_sync()  # type: ignore[operator]
+        with ctx:
+            with self.autocast():
+                _, loss = self.model(x, y)
+            self.scaler.scale(loss / self.accum).backward()
+        return loss.detach().float()
+
+    def optimizer_step(self, lr: float, max_norm: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.raw_model.parameters(), max_norm if max_norm > 0 else float("inf")
+        )
+        # With fp16, step() is skipped when gradients overflowed; update() adapts the scale.
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "model": get_model_state_dict(self.model),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+        }
+        if self.scaler.is_enabled():
+            state["scaler"] = scaler_state_of(self.scaler)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        if "scaler" in state and self.scaler.is_enabled():
+            load_scaler_state(self.scaler, state["scaler"])

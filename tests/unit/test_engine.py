@@ -1,0 +1,331 @@
+"""The engine layer in one process: DeepSpeed config generation, the FSDP fallback decision,
+HSDP mesh shapes, memory accounting, and the single-process engine's accumulation and
+portable state. (Multi-process behaviour lives in tests/distributed/test_strategies.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from hydra import compose, initialize_config_dir
+
+from pretrain.config import ConfigError
+from pretrain.engine import StrategyUnavailable, create_engine, reset_accelerate_state
+from pretrain.engine.base import storage_bytes
+from pretrain.engine.fsdp import FSDPEngine, blocks_of, hsdp_shape
+from pretrain.engine.zero import check_geometry, deepspeed_config, merge
+from pretrain.model import GPT, GPTConfig
+from pretrain.optim import build_optimizer, lr_at
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_cfg(*overrides: str) -> Any:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose(
+            config_name="config",
+            overrides=["experiment=debug", "model.vocab_size=128", *overrides],
+        )
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate() -> Any:
+    yield
+    reset_accelerate_state()
+
+
+GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def lone_process(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """This process as a lone `python -m pretrain.train`: no launcher variables (whatever an
+    engine sets is undone afterwards), and no process group left behind."""
+    for key in GROUP_ENV:
+        monkeypatch.delenv(key, raising=False)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ---- DeepSpeed config -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,stage", [("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)]
+)
+def test_deepspeed_config_from_hydra(name: str, stage: int) -> None:
+    cfg = make_cfg(f"strategy={name}", "train.micro_batch=3", "strategy.reduce_bucket_size=1000")
+    ds = deepspeed_config(cfg, world_size=2, accum=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 3 * 4 * 2
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1000
+    assert ("offload_optimizer" in zero) == ("offload_param" in zero) == (name == "zero3_offload")
+    if name == "zero3_offload":
+        assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    if stage == 3:
+        assert zero["stage3_param_persistence_threshold"] == 0
+    assert "optimizer" not in ds  # our torch AdamW: no fused-Adam build
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
+
+
+def test_deepspeed_config_precision() -> None:
+    ds = deepspeed_config(make_cfg("strategy=zero2", "precision=bf16"), 1, 1)
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    ds = deepspeed_config(make_cfg("strategy=zero2", "precision=fp16"), 1, 1)
+    fp16 = ds["fp16"]
+    assert fp16["enabled"] and not ds["bf16"]["enabled"]
+    assert fp16["loss_scale"] == 0  # 0 = dynamic loss scaling
+    assert fp16["initial_scale_power"] == 16
+
+
+def test_user_json_is_merged_on_top(tmp_path: Path) -> None:
+    user = tmp_path / "ds.json"
+    user.write_text(
+        json.dumps(
+            {
+                "gradient_clipping": 0.5,
+                "zero_optimization": {"reduce_bucket_size": 1234, "overlap_comm": "auto"},
+                "activation_checkpointing": {"partition_activations": True},
+            }
+        )
+    )
+    ds = deepspeed_config(make_cfg("strategy=zero3", f"strategy.deepspeed_config={user}"), 2, 1)
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1234
+    assert ds["zero_optimization"]["stage"] == 3  # untouched keys stay
+    assert ds["zero_optimization"]["overlap_comm"] is False  # "auto" keeps the generated value
+    assert ds["activation_checkpointing"] == {"partition_activations": True}
+
+
+def test_user_json_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        deepspeed_config(
+            make_cfg("strategy=zero2", f"strategy.deepspeed_config={tmp_path}/x"), 1, 1
+        )
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        deepspeed_config(make_cfg("strategy=zero2", f"strategy.deepspeed_config={bad}"), 1, 1)
+    opt = tmp_path / "opt.json"
+    opt.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="optim"):
+        deepspeed_config(make_cfg("strategy=zero2", f"strategy.deepspeed_config={opt}"), 1, 1)
+
+
+def test_batch_geometry_belongs_to_the_loop() -> None:
+    cfg = make_cfg("strategy=zero2", "train.micro_batch=2")
+    ds = deepspeed_config(cfg, 2, 2)
+    check_geometry(ds, cfg, 2, 2)  # consistent: fine
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
+        check_geometry(merge(ds, {"train_micro_batch_size_per_gpu": 8}), cfg, 2, 2)
+
+
+# ---- fallback decision ------------------------------------------------------------------------
+
+
+def test_unknown_strategy_and_fallback_value() -> None:
+    with pytest.raises(ValueError, match="unknown strategy"):
+        create_engine(make_cfg("strategy.name=zero4"))
+    with pytest.raises(ValueError, match="strategy.fallback"):
+        create_engine(make_cfg("strategy=zero3", "strategy.fallback=maybe"))
+
+
+def test_fallback_error_refuses_without_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` -> ImportError
+    with pytest.raises(StrategyUnavailable, match="strategy=zero3 needs DeepSpeed") as err:
+        create_engine(make_cfg("strategy=zero3", "strategy.fallback=error"))
+    assert "strategy.fallback=fsdp" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name,mode,reshard,offload",
+    [
+        ("zero1", "fsdp_grad_op", False, False),
+        ("zero2", "fsdp_grad_op", False, False),
+        ("zero3", "fsdp", True, False),
+        ("zero3_offload", "fsdp_offload", True, True),
+    ],
+)
+def test_fallback_picks_the_fsdp_equivalent(
+    name: str,
+    mode: str,
+    reshard: bool,
+    offload: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+    lone_process: Any,
+) -> None:
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    cfg = make_cfg(f"strategy={name}")
+    engine = create_engine(cfg)
+    assert isinstance(engine, FSDPEngine)
+    assert engine.name == mode
+    assert (engine.reshard_after_forward, engine.offload) == (reshard, offload)
+    out = capsys.readouterr().out
+    assert f"strategy={name}: deepspeed failed to import" in out
+    assert "running its FSDP equivalent instead" in out
+    assert out.count("FSDP equivalent") == 1
+    # It trains, in a lone process (a process group of one), with sharded (DTensor) weights.
+    torch.manual_seed(0)
+    device = engine.device
+    engine.setup(GPT(GPTConfig(**cfg.model)), lambda m: build_optimizer(m, cfg.optim, device))
+    assert type(next(engine.model.parameters())).__name__ == "DTensor"
+    assert train_step(engine, cfg, 0) == pytest.approx(reference_losses()[0], rel=1e-5)
+
+
+def test_lone_process_group_env(lone_process: Any) -> None:
+    from pretrain.engine.base import lone_process_group_env
+
+    lone_process_group_env()
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+    assert int(os.environ["MASTER_PORT"]) > 0
+    os.environ["RANK"] = "7"  # a launcher's variables are never overwritten
+    lone_process_group_env()
+    assert os.environ["RANK"] == "7"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only fact")
+def test_deepspeed_fp16_on_cpu_is_a_fallback_reason() -> None:
+    from pretrain.engine.zero import unavailable_reason
+
+    assert unavailable_reason(make_cfg("strategy=zero2"), "cpu") is None
+    reason = unavailable_reason(make_cfg("strategy=zero2", "precision=fp16"), "cpu")
+    assert reason is not None and "fp16" in reason
+
+
+# ---- mesh, blocks, accounting -----------------------------------------------------------------
+
+
+def test_hsdp_shape() -> None:
+    assert hsdp_shape(world_size=8, replicas=0, local_world_size=4) == (2, 4)  # node = shard group
+    assert hsdp_shape(world_size=2, replicas=0, local_world_size=2) == (1, 2)  # one host
+    assert hsdp_shape(world_size=2, replicas=2, local_world_size=2) == (2, 1)  # forced split
+    with pytest.raises(ValueError, match="does not divide"):
+        hsdp_shape(world_size=4, replicas=3, local_world_size=4)
+
+
+def test_blocks_of_gpt() -> None:
+    model = GPT(GPTConfig(**make_cfg().model))
+    assert blocks_of(model) == list(model.transformer.h)
+    assert len(blocks_of(model)) == model.cfg.n_layer
+
+
+def test_storage_bytes_counts_each_storage_once() -> None:
+    flat = torch.zeros(100)
+    views = [flat[:50], flat[50:]]
+    assert storage_bytes(views) == 400
+    assert storage_bytes([flat, *views, None]) == 400
+    model = GPT(GPTConfig(**make_cfg().model))  # tied embedding: one storage
+    assert storage_bytes(model.state_dict().values()) == 4 * model.num_params()
+
+
+# ---- the single-process engine ----------------------------------------------------------------
+
+
+def data(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, 128, (rows, 33), generator=g)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def single_engine(accum: int, *overrides: str) -> Any:
+    cfg = make_cfg("strategy=single", *overrides)
+    engine = create_engine(cfg)
+    engine.accum = accum
+    torch.manual_seed(0)
+    device = engine.device
+    engine.setup(GPT(GPTConfig(**cfg.model)), lambda m: build_optimizer(m, cfg.optim, device))
+    return engine, cfg
+
+
+def train_step(engine: Any, cfg: Any, step: int, rows: int = 8) -> float:
+    return train_step_norm(engine, cfg, step, rows)[0]
+
+
+def train_step_norm(engine: Any, cfg: Any, step: int, rows: int = 8) -> tuple[float, float]:
+    """One optimizer step on the global batch of `step`, split into engine.accum micro-batches;
+    (mean loss, gradient norm before clipping)."""
+    x, y = data(rows, seed=step)
+    per = rows // engine.accum
+    loss = 0.0
+    for m in range(engine.accum):
+        sl = slice(m * per, (m + 1) * per)
+        loss += float(engine.micro_step(x[sl], y[sl], m == engine.accum - 1)) / engine.accum
+    lr = lr_at(step, 20, cfg.optim.lr, cfg.schedule)
+    norm = engine.optimizer_step(lr, cfg.optim.grad_clip)
+    return loss, float(norm)
+
+
+_REFERENCE: list[float] = []
+
+
+def reference_losses() -> list[float]:
+    """Three steps of strategy=single on the unit-test batches (computed once)."""
+    if not _REFERENCE:
+        engine, cfg = single_engine(1)
+        _REFERENCE.extend(train_step(engine, cfg, s) for s in range(3))
+        reset_accelerate_state()
+    return _REFERENCE
+
+
+def test_gradient_accumulation_equals_the_full_batch() -> None:
+    full, cfg = single_engine(1)
+    runs_full = [train_step_norm(full, cfg, s) for s in range(3)]
+    w_full = {k: v.clone() for k, v in full.raw_model.state_dict().items()}
+    reset_accelerate_state()
+    acc, cfg = single_engine(4)
+    runs_acc = [train_step_norm(acc, cfg, s) for s in range(3)]
+    # The gradient is the full batch's (the 1/accum scaling), not accum times it.
+    flat = [v for run in runs_acc for v in run]
+    assert flat == pytest.approx([v for run in runs_full for v in run], rel=1e-5)
+    for k, v in acc.raw_model.state_dict().items():
+        assert torch.allclose(v, w_full[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_portable_state_round_trip(precision: str, tmp_path: Path) -> None:
+    a, cfg = single_engine(1, f"precision={precision}")
+    for s in range(2):
+        train_step(a, cfg, s)
+    state = a.state_dict()
+    assert set(state["optim"]["state"]["transformer.wte.weight"]) == {
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+    }
+    assert ("scaler" in state) == (precision == "fp16")
+    if precision == "fp16":
+        assert set(state["scaler"]) == {"scale", "growth_tracker"}
+    dcp.save(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    expected = train_step(a, cfg, 2)
+
+    reset_accelerate_state()
+    b, cfg = single_engine(1, f"precision={precision}")
+    template = b.state_dict()  # a fresh engine's structure, filled in place
+    dcp.load(template, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    b.load_state_dict(template)
+    assert train_step(b, cfg, 2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_memory_breakdown_of_the_replicated_model() -> None:
+    engine, cfg = single_engine(1)
+    x, y = data(4)
+    engine.micro_step(x, y, True)
+    mem = engine.memory_breakdown()
+    n = engine.raw_model.num_params()
+    assert mem["params"] == mem["grads"] == 4 * n
+    assert mem["optim"] == 0  # AdamW's state appears at the first step
+    engine.optimizer_step(1e-3, 1.0)
+    engine.micro_step(x, y, True)
+    assert engine.memory_breakdown()["optim"] == 2 * 4 * n  # exp_avg + exp_avg_sq
