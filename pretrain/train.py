@@ -4,8 +4,10 @@ One `train(cfg)` that reads top to bottom: setup, build, resume, loop, teardown.
 same under `python`, `torchrun` and `accelerate launch`; the strategy (`strategy=...`) is the
 engine's business, not the loop's.
 
-Exit status: 0 when max_steps is reached; 75 (EX_TEMPFAIL) after SIGTERM/SIGUSR1, once the
-current step is finished and a checkpoint saved, so that a launcher requeues the job.
+Exit status: 0 when max_steps (or train.stop_at_step) is reached; 75 (EX_TEMPFAIL) after
+SIGTERM/SIGUSR1, acted on at the next logging step with a checkpoint saved, so that a launcher
+requeues the job; 1 with a one-line message for a bad config, bad data, a NaN loss or a failed
+checkpoint save.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves, and exits 75."""
+    """SIGTERM / SIGUSR1 set a flag; at the next logging step the loop saves and exits 75."""
 
     def __init__(self) -> None:
         self.signum: int | None = None

@@ -85,21 +85,40 @@ def shard_documents(data_dir: Path, name: str) -> list[np.ndarray]:
         return [np.frombuffer(tar.extractfile(m).read(), "<u2") for m in tar.getmembers()]  # type: ignore[union-attr]
 
 
-def epoch_windows(
-    data_dir: Path, split: str, seed: int, epoch: int, seq_len: int
-) -> Counter[bytes]:
-    """Every window of seq_len + 1 tokens of one epoch, as the loader's docs define them: each
-    shard's documents in `doc_order`, concatenated, cut into non-overlapping windows."""
+def unit_stream(
+    data_dir: Path, split: str, seed: int, epoch: int, shard: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shard `shard`'s stream in epoch `epoch` as the loader's docs define it (its documents in
+    `doc_order`, concatenated), and for each token the index of its document in the shard."""
     from pretrain.data.loader import doc_order
 
     manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    docs = shard_documents(data_dir, manifest["splits"][split]["shards"][shard]["name"])
+    order = doc_order(seed, epoch, shard, len(docs))
+    return np.concatenate([docs[i] for i in order]), np.repeat(order, [len(docs[i]) for i in order])
+
+
+def unit_windows(
+    data_dir: Path, split: str, seed: int, epoch: int, shard: int, seq_len: int
+) -> np.ndarray:
+    """[N, seq_len + 1]: shard `shard`'s windows in epoch `epoch` in the order the loader's docs
+    say it reads them: the stream cut into non-overlapping windows, taken in `window_order`."""
+    from pretrain.data.loader import window_order
+
+    flat, _ = unit_stream(data_dir, split, seed, epoch, shard)
+    n = len(flat) // (seq_len + 1)
+    return flat[: n * (seq_len + 1)].reshape(n, seq_len + 1)[window_order(seed, epoch, shard, n)]
+
+
+def epoch_windows(
+    data_dir: Path, split: str, seed: int, epoch: int, seq_len: int
+) -> Counter[bytes]:
+    """Every window of seq_len + 1 tokens of one epoch (a multiset: the order is the loader's
+    business), each shard's stream cut into non-overlapping windows."""
+    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
     out: Counter[bytes] = Counter()
-    for s, shard in enumerate(manifest["splits"][split]["shards"]):
-        docs = shard_documents(data_dir, shard["name"])
-        flat = np.concatenate([docs[i] for i in doc_order(seed, epoch, s, len(docs))])
-        n = len(flat) // (seq_len + 1)
-        for row in flat[: n * (seq_len + 1)].reshape(n, seq_len + 1):
-            out[row.tobytes()] += 1
+    for s in range(len(manifest["splits"][split]["shards"])):
+        out.update(row.tobytes() for row in unit_windows(data_dir, split, seed, epoch, s, seq_len))
     return out
 
 

@@ -1,11 +1,17 @@
 """TokenLoader: streams packed (x, y) batches from prepared shards, resumable and elastic.
 
-The order: a pure function of (seed, epoch, manifest)
+The order: a pure function of (seed, epoch, manifest, seq_len)
     The train (or val) split has n shards. Epoch e visits them in the order
-    `shard_order(seed, e, n)`, and inside shard s the documents in the order
-    `doc_order(seed, e, s, docs)`; both change every epoch. Concatenating an epoch's orders gives
-    an endless sequence of *units*: unit u is shard `shard_order(seed, u // n, n)[u % n]` of epoch
-    u // n. Nothing here depends on the world size or the number of workers.
+    `shard_order(seed, e, n)`; all three orders below change every epoch. Concatenating an
+    epoch's shard orders gives an endless sequence of *units*: unit u is shard
+    `shard_order(seed, u // n, n)[u % n]` of epoch u // n. Inside unit u (shard s, epoch e) the
+    documents are concatenated in the order `doc_order(seed, e, s, docs)` into the unit's
+    *stream*, which is cut into N = tokens // (seq_len + 1) windows (see Packing); the unit's
+    windows are read in the order `window_order(seed, e, s, N)`, a permutation: the k-th window
+    read is stream[p[k] × (seq_len + 1) : (p[k] + 1) × (seq_len + 1)] with p that permutation.
+    So a batch mixes windows from all over a shard (many documents), not one stretch of text;
+    it draws from one shard (two where it spans units), so larger shards mix more.
+    Nothing here depends on the world size, the number of workers or the batch size.
 
 The split: ranks × workers take whole units, round-robin
     There are S = world_size × max(1, num_workers) *slots*; slot g = rank × W + worker. Slot g
@@ -13,28 +19,39 @@ The split: ranks × workers take whole units, round-robin
     read by exactly one process per epoch, and the rank/worker split is only a view on the order.
 
 Packing: per unit, no overlap
-    A unit's documents (each already ending in EOS) are concatenated and cut into windows of
-    seq_len + 1 tokens, x = w[:-1], y = w[1:]. Consecutive windows do not overlap: every token is
-    in exactly one window. The last `tokens mod (seq_len + 1)` tokens of each unit (< seq_len + 1)
-    are dropped, so at most n × seq_len tokens per epoch. A worker fills a batch of batch_size
-    windows from its units in order (a batch may span units, and, with loop=True, epochs).
-    loop=False ends the pass at the end of the epoch it started in and drops each slot's final
-    partial batch: at most S × (batch_size − 1) × (seq_len + 1) more tokens. That is the whole
-    loss: dropped ≤ n × seq_len + S × (batch_size − 1) × (seq_len + 1) tokens per epoch (tested).
+    A unit's stream (documents, each already ending in EOS) is cut into non-overlapping windows
+    of seq_len + 1 tokens, x = w[:-1], y = w[1:]: every token is in exactly one window. The
+    last `tokens mod (seq_len + 1)` tokens of each unit's stream (< seq_len + 1) are in no
+    window and dropped, so at most n × seq_len tokens per epoch. A worker fills a batch of
+    batch_size windows from its units in the order above (a batch may span units, and, with
+    loop=True, epochs), gathering the rows from the unit's [N, seq_len + 1] view of the stream
+    (one copy per batch). loop=False ends the pass at the end of the epoch it started in and
+    drops each slot's final partial batch: at most S × (batch_size − 1) × (seq_len + 1) more
+    tokens. That is the whole loss: dropped ≤ n × seq_len + S × (batch_size − 1) × (seq_len + 1)
+    tokens per epoch (tested).
 
 State: what has been consumed, tracked in the main process
     Each slot's state is {"cur": [u, offset] | None, "queue": [[u, offset], ...], "next": u,
-    "stride": S}: the unit being read with the tokens of it already yielded, explicit units still
-    to do, then units next, next + stride, ... Every batch carries its slot's state right after
-    it, and the main process keeps the state of the last batch it *yielded*, so DataLoader
-    prefetching never counts. state_dict() is that, per slot, plus which worker yields next.
-    load_state_dict(all ranks' states):
+    "stride": S}: the unit being read, explicit units still to do, then units next,
+    next + stride, ... An offset counts what of its unit is consumed: k windows read (the first
+    k of the unit's window order) is offset k × (seq_len + 1), in tokens. Every batch carries
+    its slot's state right after it, and the main process keeps the state of the last batch it
+    *yielded*, so DataLoader prefetching never counts. state_dict() is that, per slot, plus
+    which worker yields next. load_state_dict(all ranks' states):
       * same world size, workers, seq_len and batch_size: each rank takes its own slots back and
         the worker round-robin continues where it was: the batches are exactly those the
         uninterrupted run gives (exact resume).
-      * otherwise (elastic): every unit not yet fully consumed by any old slot, with its offset,
-        is listed in unit order and dealt round-robin to the new slots; units after that follow
-        the usual round-robin. No token is read twice or skipped (beyond the packing tails).
+      * otherwise, same seq_len (elastic): every unit not yet fully consumed by any old slot,
+        with its offset, is listed in unit order and dealt round-robin to the new slots; units
+        after that follow the usual round-robin. A unit's window order does not depend on who
+        reads it, so the new reader goes on at window k of the same order: no token is read
+        twice or skipped (beyond the packing tails).
+      * another seq_len: the windows of a partly read unit are scattered over its stream, so its
+        rest is not a set of windows of the new size. Such units count as done and the rest of
+        them is dropped; everything else is dealt as above. That loses at most (the number of
+        partly read units in the states) × (unit size) tokens: one unit per old slot, plus any
+        partly read units an earlier elastic resume had queued and not reached yet (tested).
+        Nothing is read twice.
 
 Ranks yield about, not exactly, the same number of batches per epoch (units differ in size); with
 loop=True each rank just goes on into its next epoch (`epoch` is the oldest epoch a rank still
@@ -43,9 +60,8 @@ has work in).
 
 from __future__ import annotations
 
-import signal
-
 import copy
+import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,7 +82,8 @@ from pretrain.data.shards import (
     read_shard,
 )
 
-STATE_FORMAT = "pretrain.TokenLoader/1"
+# /2: windows are read in `window_order` inside each unit (/1 read them in stream order).
+STATE_FORMAT = "pretrain.TokenLoader/2"
 
 
 def shard_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -77,6 +94,11 @@ def shard_order(seed: int, epoch: int, n: int) -> np.ndarray:
 def doc_order(seed: int, epoch: int, shard: int, ndocs: int) -> np.ndarray:
     """The order of shard `shard`'s documents in epoch `epoch`."""
     return np.random.default_rng([seed, epoch, 1, shard]).permutation(ndocs)
+
+
+def window_order(seed: int, epoch: int, shard: int, nwindows: int) -> np.ndarray:
+    """The order in which epoch `epoch` reads the nwindows windows of shard `shard`'s stream."""
+    return np.random.default_rng([seed, epoch, 2, shard]).permutation(nwindows)
 
 
 @dataclass
@@ -95,7 +117,7 @@ class _Spec:
         self.shards = self.manifest.shards(self.split)
         self.n = len(self.shards)
         self._orders: dict[int, np.ndarray] = {}
-        self._cached: tuple[int, np.ndarray] | None = None
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def shard_of(self, u: int) -> int:
         e = u // self.n
@@ -108,25 +130,28 @@ class _Spec:
     def unit_tokens(self, u: int) -> int:
         return self.shards[self.shard_of(u)].tokens
 
-    def stream(self, u: int) -> np.ndarray:
-        """Unit u's token stream: its shard's documents in this epoch's order, concatenated."""
+    def windows(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unit u's windows [N, L + 1] (a view of its stream: its shard's documents in this
+        epoch's order, concatenated, the tail cut off) and the order to read them in, [N]."""
         if self._cached is not None and self._cached[0] == u:
-            return self._cached[1]
-        s = self.shard_of(u)
+            return self._cached[1], self._cached[2]
+        s, e, window = self.shard_of(u), u // self.n, self.seq_len + 1
         docs = read_shard(
             self.manifest,
             self.shards[s],
             allow_pipe=self.allow_pipe,
             verify_sha256=self.verify_sha256,
         )
-        order = doc_order(self.seed, u // self.n, s, len(docs))
+        order = doc_order(self.seed, e, s, len(docs))
         flat = (
             np.concatenate([docs[i] for i in order])
             if docs
             else np.zeros(0, self.manifest.np_dtype)
         )
-        self._cached = (u, flat)
-        return flat
+        nwin = len(flat) // window
+        rows = flat[: nwin * window].reshape(nwin, window)
+        self._cached = (u, rows, window_order(self.seed, e, s, nwin))
+        return self._cached[1], self._cached[2]
 
 
 class _Cursor:
@@ -172,6 +197,19 @@ def _first_pending_epoch(spec: _Spec, state: dict[str, Any]) -> int:
     raise AssertionError("unreachable")
 
 
+def _gather(parts: list[tuple[np.ndarray, np.ndarray]], rows: int) -> np.ndarray:
+    """One batch [rows, L + 1] from (unit windows [N, L + 1], row indices [k]) parts: one copy."""
+    if len(parts) == 1:
+        windows, idx = parts[0]
+        return windows[idx]
+    out = np.empty((rows, parts[0][0].shape[1]), parts[0][0].dtype)
+    i = 0
+    for windows, idx in parts:
+        np.take(windows, idx, axis=0, out=out[i : i + len(idx)])
+        i += len(idx)
+    return out
+
+
 def _slot_batches(
     spec: _Spec, w: int, state: dict[str, Any], stop_epoch: int | None
 ) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
@@ -180,7 +218,8 @@ def _slot_batches(
     cursor = _Cursor(state)
     if cursor.cur is None:
         cursor.advance()
-    parts: list[np.ndarray] = []  # row blocks of the batch being filled, each [k, L + 1]
+    # The batch being filled: (a unit's windows [N, L + 1], which of its rows [k]) per unit.
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
     have = 0
     idle = 0  # consecutive units without a whole window (shards smaller than seq_len + 1)
     while True:
@@ -188,8 +227,7 @@ def _slot_batches(
         u, off = cursor.cur
         if stop_epoch is not None and u // spec.n > stop_epoch:
             return  # one pass done; the partial batch in `parts` is dropped
-        nwin = max(0, (spec.unit_tokens(u) - off) // window)
-        if nwin == 0:
+        if (spec.unit_tokens(u) - off) // window <= 0:  # nothing left here (or nothing at all)
             idle += 1
             if idle > 2 * spec.n + 2:
                 raise DataError(
@@ -199,21 +237,19 @@ def _slot_batches(
                 )
         else:
             idle = 0
-            # [nwin, L + 1] view of the unit's stream: no copy until the batch is built.
-            windows = spec.stream(u)[off : off + nwin * window].reshape(nwin, window)
-            pos = 0
-            while pos < nwin:
-                take = min(batch_size - have, nwin - pos)
-                parts.append(windows[pos : pos + take])
+            windows, order = spec.windows(u)  # [N, L + 1] view of the stream, [N] permutation
+            pos = off // window  # windows of this unit already consumed: order[:pos]
+            while pos < len(order):
+                take = min(batch_size - have, len(order) - pos)
+                parts.append((windows, order[pos : pos + take]))
                 have += take
                 pos += take
-                cursor.cur = [u, off + pos * window]
+                cursor.cur = [u, pos * window]
                 if have == batch_size:
                     # [B, L + 1] in the shards' dtype (uint16: 4x less to pass between
                     # processes than int64; pickled through a pipe, cheaper than one shared
                     # memory segment per tensor for batches this size).
-                    rows = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
-                    yield rows, {"w": w, "state": cursor.state()}
+                    yield _gather(parts, batch_size), {"w": w, "state": cursor.state()}
                     parts, have = [], 0
         cursor.advance()
 
@@ -247,18 +283,27 @@ class _RankDataset(IterableDataset):
 
 
 def plan_elastic(
-    old_slots: list[dict[str, Any]], unit_tokens: Any, new_slots: int
+    old_slots: list[dict[str, Any]],
+    unit_tokens: Any,
+    new_slots: int,
+    *,
+    drop_partial: bool = False,
 ) -> list[dict[str, Any]]:
     """Deal what the old slots have not consumed to `new_slots` new slots (see module doc).
 
     `unit_tokens(u)` gives unit u's token count. Units at or after the largest old `next` are
     untouched by everyone and continue round-robin; the rest that still hold tokens are listed
-    explicitly, in unit order, with their offsets."""
+    explicitly, in unit order, with their offsets. drop_partial=True (another seq_len): units
+    with a nonzero offset count as done and are not dealt."""
     cut = max(int(s["next"]) for s in old_slots)
     todo: list[tuple[int, int]] = []
     for s in old_slots:
         explicit = ([s["cur"]] if s["cur"] is not None else []) + list(s["queue"])
-        todo += [(int(u), int(off)) for u, off in explicit if off < unit_tokens(u)]
+        todo += [
+            (int(u), int(off))
+            for u, off in explicit
+            if off < unit_tokens(u) and not (drop_partial and off > 0)
+        ]
         u = int(s["next"])
         while u < cut:
             todo.append((u, 0))
@@ -431,16 +476,24 @@ class TokenLoader:
     def load_state_dict(self, states: list[dict[str, Any]] | dict[str, Any]) -> None:
         """Takes the states of ALL ranks of the saving run (any world size / worker count). Same
         world size & workers: rank r continues exactly where rank r stopped (exact resume).
-        Different world size or worker count: finish the epoch with no token repeated or lost
-        (elastic resume)."""
+        Different world size, worker count or batch size: finish the epoch with no token repeated
+        or lost (elastic resume). Different seq_len: the same, except that the rest of units the
+        old run had partly read is dropped (see the module docstring)."""
         if isinstance(states, dict):
             states = [states]
         if not states:
             raise ValueError("load_state_dict needs the loader states of all ranks; got none.")
         first = states[0]
         for st in states:
-            if st.get("format") != STATE_FORMAT:
-                raise DataError(f"not a TokenLoader state (format {st.get('format')!r}).")
+            fmt = st.get("format")
+            if fmt != STATE_FORMAT and str(fmt).startswith("pretrain.TokenLoader/"):
+                raise DataError(
+                    f"the loader state has format {fmt!r}, this version reads {STATE_FORMAT!r} "
+                    f"(the order in which windows are read changed): resume with the version "
+                    f"that saved it, or start the data from scratch."
+                )
+            if fmt != STATE_FORMAT:
+                raise DataError(f"not a TokenLoader state (format {fmt!r}).")
             for key, mine in (
                 ("split", self.split),
                 ("dataset", self._manifest.fingerprint(self.split)),
@@ -475,7 +528,12 @@ class TokenLoader:
             self._next_worker = int(own["next_worker"])
             return
         old_slots = [slot for r in range(old_world) for slot in by_rank[r]["slots"]]
-        plan = plan_elastic(old_slots, self._spec.unit_tokens, self.world_size * self._W)
+        plan = plan_elastic(
+            old_slots,
+            self._spec.unit_tokens,
+            self.world_size * self._W,
+            drop_partial=first["seq_len"] != self.seq_len,
+        )
         self._slots = plan[self.rank * self._W : (self.rank + 1) * self._W]
         self._next_worker = 0
 
