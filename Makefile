@@ -40,14 +40,14 @@ test-integration: install
 	$(PY) -m pytest -q -m integration tests
 
 lint: install
-	$(VENV)/bin/ruff format --check pretrain tests
-	$(VENV)/bin/ruff check pretrain tests
+	$(VENV)/bin/ruff format --check pretrain tests benchmarks
+	$(VENV)/bin/ruff check pretrain tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 format: install
-	$(VENV)/bin/ruff format pretrain tests
-	$(VENV)/bin/ruff check --fix pretrain tests
+	$(VENV)/bin/ruff format pretrain tests benchmarks
+	$(VENV)/bin/ruff check --fix pretrain tests benchmarks
 
 bench: install
 	$(PY) -m benchmarks.run
