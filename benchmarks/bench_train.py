@@ -46,7 +46,7 @@ def ours(data: Path, model: str, micro: int, seq: int, steps: int) -> float:
             "data.num_workers=1",
         ]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
-        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().split()]
+        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
         tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
         return sum(tps) / len(tps)
 
@@ -63,9 +63,10 @@ def hf_baseline(cfg: GPTConfig, micro: int, seq: int, steps: int) -> float:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(hf_cfg, attn_implementation="sdpa").train()
+    model = GPT2LMHeadModel(hf_cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     x = torch.randint(0, cfg.vocab_size, (micro, seq))
     warm = max(2, steps // 8)

@@ -74,7 +74,7 @@ else
     # shellcheck disable=SC2054 # the commas belong to --signals-to-handle
     launcher=("$python" -m torch.distributed.run --standalone --nproc-per-node="$nproc"
         --max-restarts=0 --signals-to-handle=SIGTERM,SIGHUP,SIGQUIT,SIGUSR1
-        -m "$module")
+        --shutdown-timeout="${STOP_TIMEOUT_S:-150}" -m "$module")
 fi
 where=$([[ $gpus -gt 0 ]] && echo "GPU" || echo "CPU")
 echo "local.sh: ${nproc} process(es) on ${where} (${gpus} GPU(s) visible)"

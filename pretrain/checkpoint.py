@@ -116,18 +116,44 @@ def find_resume(root: Path, resume: str) -> Path | None:
     if resume == "none":
         return None
     if resume != "auto":
-        path = Path(resume)
-        if not is_complete(path):
-            raise CheckpointError(
-                f"checkpoint.resume={resume} is not a complete checkpoint (no {COMPLETE} "
-                f"marker or train_state.json): pick one of {[str(p) for p in list_checkpoints(path.parent)]}"
-            )
-        return path
+        return resolve(resume)
     # The newest complete checkpoint wins. `latest` names it too, except in the instant
     # between a checkpoint's rename and `latest` moving: a crash there leaves `latest` one
     # behind, and the newer checkpoint is complete, so it is the right one to resume.
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+def prepare_root(root: Path, resume_from: Path | None, resume: str) -> None:
+    """Rank 0, before anything is written: make `root` hold one timeline.
+
+    Leftover `.tmp-*` directories of killed saves are removed. Resuming from an older
+    checkpoint of this same run moves the newer ones to `superseded-<step>/`, so that neither
+    a later `resume=auto` nor keep-last pruning mixes the two timelines. Starting afresh
+    (`resume=none`) over existing checkpoints is refused."""
+    if not root.is_dir():
+        return
+    for tmp in root.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    existing = list_checkpoints(root)
+    if resume_from is None and existing:
+        raise CheckpointError(
+            f"checkpoint.resume={resume} but {root} already holds checkpoints (newest "
+            f"{existing[-1].name}): use another run.dir for a fresh run, or "
+            "checkpoint.resume=auto to continue this one"
+        )
+    if resume_from is not None and resume_from.parent.resolve() == root.resolve():
+        newer = [p for p in existing if step_of(p) > step_of(resume_from)]
+        if newer:
+            aside = root / f"superseded-{step_of(resume_from)}"
+            aside.mkdir(exist_ok=True)
+            for p in newer:
+                os.replace(p, aside / p.name)
+            _fsync_file(root)
 
 
 def save(
@@ -169,8 +195,11 @@ def save(
             _write_text(root / f".{LATEST}.tmp", final.name + "\n")
             os.replace(root / f".{LATEST}.tmp", root / LATEST)
             _fsync_file(root)
+            # Rename before deleting: a delete cut short must not leave a "complete" husk.
             for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = root / f".del-{old.name}"
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
     except (OSError, RuntimeError, CheckpointException) as e:
         # torch.save reports a failed write as RuntimeError, DCP as CheckpointException.
         previous = find_resume(root, "auto") if root.is_dir() else None
@@ -192,7 +221,15 @@ def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     meta = dcp.FileSystemReader(str(path / "dcp")).read_metadata()
     if "scaler" in state and not any(k.startswith("scaler.") for k in meta.state_dict_metadata):
         state.pop("scaler")  # saved without fp16: the loss scaler starts fresh
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    try:
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+    except (CheckpointException, RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model/optimizer ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). It was written by a run with "
+            f"model: {read_config(path).get('model')}. Resume with that model config, or start "
+            "a new run.dir."
+        ) from e
     return json.loads((path / "train_state.json").read_text())
 
 

@@ -19,6 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.model import GPTConfig
 
+# Every parallelism strategy `strategy.name` can select (pretrain/engine implements them).
+STRATEGIES = (
+    "single",
+    "ddp",
+    "zero1",
+    "zero2",
+    "zero3",
+    "zero3_offload",
+    "fsdp",
+    "fsdp_grad_op",
+    "hsdp",
+)
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
@@ -181,6 +194,31 @@ class Config:
     """Process group."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run name, directory, seed."""
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that Hydra's types cannot express; each names the fix."""
+    choices: dict[str, tuple[str, tuple[str, ...]]] = {
+        "schedule.name": (cfg.schedule.name, ("cosine", "wsd", "constant")),
+        "precision.dtype": (cfg.precision.dtype, ("fp32", "bf16", "fp16")),
+        "strategy.fallback": (cfg.strategy.fallback, ("fsdp", "error")),
+        "logging.wandb_mode": (cfg.logging.wandb_mode, ("auto", "online", "offline", "disabled")),
+        "train.device": (cfg.train.device, ("auto", "cuda", "cpu")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+    positive: dict[str, int] = {
+        "logging.every": cfg.logging.every,
+        "checkpoint.every": cfg.checkpoint.every,
+        "train.max_steps": cfg.train.max_steps,
+        "train.micro_batch": cfg.train.micro_batch,
+        "train.seq_len": cfg.train.seq_len,
+        "dist.timeout_s": cfg.dist.timeout_s,
+    }
+    for key, number in positive.items():
+        if number <= 0:
+            raise ConfigError(f"{key}={number} must be a positive number")
 
 
 def register() -> None:

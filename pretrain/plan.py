@@ -113,19 +113,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.config import STRATEGIES
 from pretrain.model import GPT, GPTConfig
 
-STRATEGIES = (
-    "single",
-    "ddp",
-    "zero1",
-    "zero2",
-    "zero3",
-    "zero3_offload",
-    "fsdp",
-    "fsdp_grad_op",
-    "hsdp",
-)
 # Cheapest communication first: replicated (one all-reduce of gradients) < ZeRO-1 (reduce-
 # scatter + all-gather, same volume) < ZeRO-2 < FSDP SHARD_GRAD_OP (one parameter all-gather
 # per step) < HSDP (re-gathers parameters, but only inside a node) < ZeRO-3 / FSDP (parameters

@@ -28,7 +28,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain import checkpoint, dist
-from pretrain.config import Config, ConfigError, check_overrides, to_dict
+from pretrain.config import Config, ConfigError, check_overrides, to_dict, validate
 from pretrain.data.loader import TokenLoader
 from pretrain.data.shards import DataError, is_local, local_path, read_manifest
 from pretrain.engine import Engine, create_engine
@@ -111,6 +111,7 @@ def evaluate(engine: Engine, cfg: Config, data_dir: str, device: torch.device) -
 def train(cfg: Config) -> int:
     # ---- setup: process group, device, run directory ------------------------------------
     preempt = Preemption()  # first: a signal during a slow startup must not kill us unsaved
+    validate(cfg)  # type: ignore[arg-type]
     engine = create_engine(cfg)
     device = engine.device
     run_dir = Path(cfg.run.dir)
@@ -164,11 +165,18 @@ def train(cfg: Config) -> int:
     step, tokens_seen, run_id = 0, 0, new_run_id()
     loader_states: list[dict[str, Any]] | None = None
     resume_from = checkpoint.find_resume(ckpt_root, cfg.checkpoint.resume)
+    if dist.is_main():
+        checkpoint.prepare_root(ckpt_root, resume_from, cfg.checkpoint.resume)
+    dist.barrier()
     if resume_from is not None:
         state = engine.state_dict()
         ts = checkpoint.load(resume_from, state)
         engine.load_state_dict(state)
-        step, tokens_seen, run_id = ts["step"], ts["tokens_seen"], ts["wandb_run_id"]
+        step, tokens_seen = ts["step"], ts["tokens_seen"]
+        # The same W&B run continues only in the same run directory; a run branched from
+        # another run's checkpoint gets a run of its own.
+        if resume_from.parent.resolve() == ckpt_root.resolve():
+            run_id = ts["wandb_run_id"]
         loader_states = ts["loader"]
     train_loader = TokenLoader(
         data_dir,
@@ -263,7 +271,7 @@ def train(cfg: Config) -> int:
         # Ranks agree on a signal at logging steps only: the loss all-reduce syncs there anyway,
         # and a per-step collective would stall the GPU queue every step.
         preempted = log_now and engine.any_rank(preempt.signum is not None)
-        stopping = step == cfg.train.stop_at_step
+        stopping = 0 < cfg.train.stop_at_step <= step
         ckpt_now = (
             step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps or preempted or stopping
         )
@@ -296,21 +304,23 @@ def train(cfg: Config) -> int:
             loss_sum.zero_()
             t_last, steps_since = time.perf_counter(), 0
         metrics.advance(step)
-        if (
-            cfg.train.eval_every > 0
-            and step % cfg.train.eval_every == 0
-            or (step == cfg.train.max_steps and cfg.train.eval_batches > 0)
-        ):
+        t_other = time.perf_counter()
+        eval_now = cfg.train.eval_batches > 0 and (
+            (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0)
+            or step == cfg.train.max_steps
+        )
+        if eval_now:
             val = evaluate(engine, cfg, data_dir, device)
             metrics.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-            t_last = time.perf_counter()  # validation time is not training throughput
         if ckpt_now and step != last_saved:
             save()
             last_saved = step
-            t_last = time.perf_counter()
+        # Validation and saving are not training throughput: leave their time out of tokens/s.
+        t_last += time.perf_counter() - t_other
         if preempted:
             metrics.print(f"preempted (signal {preempt.signum}) at step {step}: saved, exiting")
-            exit_code = EXIT_REQUEUE
+            # At max_steps the run is done: nothing left to requeue for.
+            exit_code = EXIT_REQUEUE if step < cfg.train.max_steps else 0
             break
         if stopping:
             metrics.print(f"train.stop_at_step={step} reached: saved, exiting")
@@ -319,7 +329,10 @@ def train(cfg: Config) -> int:
     # ---- teardown -----------------------------------------------------------------------
     metrics.close()
     if dist.is_main() and step == cfg.train.max_steps:
-        plot_loss_curve(run_dir)
+        try:
+            plot_loss_curve(run_dir)
+        except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
+            metrics.print(f"warning: no loss curve ({type(e).__name__}: {e})")
     dist.barrier()
     return exit_code
 

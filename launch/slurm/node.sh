@@ -52,7 +52,7 @@ echo "node.sh: node ${node_rank}/${nnodes} on $(hostname) (${SLURMD_NODENAME:-?}
     --master-port="$MASTER_PORT" \
     --max-restarts=0 \
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
-    --shutdown-timeout="${STOP_TIMEOUT_S:-600}" \
+    --shutdown-timeout="${STOP_TIMEOUT_S:-150}" \
     -m "$module" "$@" &
 agent=$!
 

@@ -60,8 +60,10 @@ has work in).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import signal
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -258,6 +260,23 @@ def _keep(item: Any) -> Any:
     return item
 
 
+# DataLoader iterators whose workers are running (see _stop_workers_at_exit).
+_live_iterators: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    # Workers ignore SIGTERM (below), and multiprocessing's own exit handler ends daemonic
+    # children with SIGTERM and then joins them: without this it would wait forever when the
+    # trainer exits with a batch stream still open (an error, or the end of training).
+    # atexit runs last-in first-out, and this module registers after multiprocessing, so this
+    # runs first.
+    for it in list(_live_iterators):
+        for w in getattr(it, "_workers", []):
+            if w.is_alive():
+                w.kill()
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     # Slurm and `kill` deliver SIGTERM/SIGUSR1 to every process of a job, workers included.
     # Preemption is the training process's business (finish the step, save, exit); a worker
@@ -425,6 +444,7 @@ class TokenLoader:
                     worker_init_fn=_ignore_stop_signals,
                 )
             )
+            _live_iterators.add(source)
         try:
             for rows, meta in source:
                 # One int64 copy each for x and y, contiguous: [B, L].

@@ -17,25 +17,13 @@ so once; `strategy.fallback=error` refuses instead.
 from __future__ import annotations
 
 from pretrain import dist
-from pretrain.config import Config, ConfigError
+from pretrain.config import STRATEGIES, Config, ConfigError
 from pretrain.engine.base import (
     Engine,
     log0,
     lone_process_group_env,
     make_accelerator,
     pick_device,
-)
-
-STRATEGIES = (
-    "single",
-    "ddp",
-    "zero1",
-    "zero2",
-    "zero3",
-    "zero3_offload",
-    "fsdp",
-    "fsdp_grad_op",
-    "hsdp",
 )
 
 # What a ZeRO strategy becomes without DeepSpeed: same memory model, FSDP2 mechanics.

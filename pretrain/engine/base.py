@@ -29,6 +29,12 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from pretrain import dist as pdist
 from pretrain.config import Config
@@ -219,13 +225,27 @@ class Engine(ABC):
         """Set the learning rate, clip (max_norm > 0), step and zero the gradients.
         Returns the global gradient norm before clipping (a 0-dim tensor)."""
 
-    @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """{"model": ..., "optim": ...} keyed by parameter names (DCP-ready; may hold DTensors)."""
+        """{"model": ..., "optim": ...} keyed by parameter names (DCP-ready; may hold DTensors).
 
-    @abstractmethod
+        torch's state-dict API covers plain, DDP and FSDP2 modules alike: names come without
+        wrapper prefixes, and DTensor shards are written once and resharded by DCP on load."""
+        state: dict[str, Any] = {
+            "model": get_model_state_dict(self.model),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+        }
+        scaler = getattr(self, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            state["scaler"] = scaler_state_of(scaler)
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict`; `state` has the structure `state_dict()` returned."""
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        scaler = getattr(self, "scaler", None)
+        if "scaler" in state and scaler is not None and scaler.is_enabled():
+            load_scaler_state(scaler, state["scaler"])
 
     def save_native(self, path: str) -> None:  # noqa: B027 - optional hook
         """Also save the backend's own checkpoint format (DeepSpeed writes one)."""

@@ -7,19 +7,12 @@ autocast + GradScaler path keeps every device and strategy numerically the same.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from pretrain.config import ConfigError
-from pretrain.engine.base import Engine, OptimizerFactory, load_scaler_state, scaler_state_of
+from pretrain.engine.base import Engine, OptimizerFactory
 
 
 class DDPEngine(Engine):
@@ -60,18 +53,3 @@ class DDPEngine(Engine):
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "model": get_model_state_dict(self.model),
-            "optim": get_optimizer_state_dict(self.model, self.optimizer),
-        }
-        if self.scaler.is_enabled():
-            state["scaler"] = scaler_state_of(self.scaler)
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
-        if "scaler" in state and self.scaler.is_enabled():
-            load_scaler_state(self.scaler, state["scaler"])

@@ -31,12 +31,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
@@ -51,8 +45,6 @@ from pretrain.engine.base import (
     Engine,
     OptimizerFactory,
     ensure_process_group,
-    load_scaler_state,
-    scaler_state_of,
 )
 
 # strategy name -> how it shards
@@ -169,22 +161,6 @@ class FSDPEngine(Engine):
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
-
-    def state_dict(self) -> dict[str, Any]:
-        # DTensors: each rank contributes its shards, DCP writes them once and reshards on load.
-        state: dict[str, Any] = {
-            "model": get_model_state_dict(self.model),
-            "optim": get_optimizer_state_dict(self.model, self.optimizer),
-        }
-        if self.scaler.is_enabled():
-            state["scaler"] = scaler_state_of(self.scaler)
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
-        if "scaler" in state and self.scaler.is_enabled():
-            load_scaler_state(self.scaler, state["scaler"])
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -172,6 +172,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data: Path, tmp_path
         "optim.grad_clip=0",
         "schedule.name=constant",
         "schedule.warmup_steps=0",
+        # Workers ignore SIGTERM; the run must still exit (not hang) on an error.
+        "data.num_workers=2",
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "NaN/inf" in proc.stderr and "last good checkpoint" in proc.stderr
@@ -226,7 +228,7 @@ def test_indivisible_global_batch_is_clear(tiny_data: Path, tmp_path: Path) -> N
 @pytest.mark.timeout(200)
 def test_config_and_sample(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    ok(train_cli(tiny_data, run, "train.max_steps=3"))
+    ok(train_cli(tiny_data, run, "train.max_steps=3", "data.num_workers=1"))
     saved = (run / "config.yaml").read_text()
     assert "max_steps: 3" in saved and "vocab_size" in saved
     rows = read_metrics(run)
@@ -288,3 +290,21 @@ def test_preemption_signal_saves_and_exits_for_requeue(
     out2 = ok(train_cli(tiny_data, run, f"train.max_steps={step + 2}"))
     assert f"(step {step})" in out2.stdout
     assert sorted(losses(run)) == list(range(1, step + 3))
+
+
+@pytest.mark.timeout(200)
+def test_one_timeline_per_run_dir(tiny_data: Path, tmp_path: Path) -> None:
+    """resume=none over existing checkpoints is refused; resuming from an older checkpoint
+    moves the newer ones aside, so neither `auto` nor pruning mixes two timelines."""
+    run = tmp_path / "run"
+    ok(train_cli(tiny_data, run, "train.max_steps=4", "checkpoint.every=2"))
+    proc = train_cli(tiny_data, run, "train.max_steps=4", "checkpoint.resume=none")
+    assert proc.returncode == 1 and "already holds checkpoints" in proc.stderr
+    older = run / "checkpoints" / "step_0000002"
+    ok(train_cli(tiny_data, run, "train.max_steps=6", "checkpoint.every=3",
+                 f"checkpoint.resume={older}"))  # fmt: skip
+    assert (run / "checkpoints" / "superseded-2" / "step_0000004").is_dir()
+    names = [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")]
+    assert names == ["step_0000003", "step_0000006"]  # debug keeps the last 2
+    found = checkpoint.find_resume(run / "checkpoints", "auto")
+    assert found is not None and found.name == "step_0000006"
