@@ -123,10 +123,9 @@ def deepspeed_config(cfg: Config, world_size: int, accum: int) -> dict[str, Any]
     dtype = cfg.precision.dtype
     ds["bf16"] = {"enabled": dtype == "bf16"}
     if dtype == "bf16":
-        # DeepSpeed would reduce and accumulate gradients in the model dtype; DDP and FSDP do
-        # both in fp32, and so must we, or ZeRO would silently differ from them.
+        # DeepSpeed would reduce gradients in the model dtype; DDP and FSDP reduce in fp32,
+        # and so must we, or ZeRO would silently differ from them.
         ds["communication_data_type"] = "fp32"
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     ds["fp16"] = {"enabled": False}
     if dtype == "fp16":
         # Dynamic loss scaling with the same policy as torch's GradScaler: start at 2^16, halve
