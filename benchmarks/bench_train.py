@@ -46,7 +46,9 @@ def ours(data: Path, model: str, micro: int, seq: int, steps: int) -> float:
             "data.num_workers=1",
         ]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
-        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
         tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
         return sum(tps) / len(tps)
 

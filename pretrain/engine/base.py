@@ -171,6 +171,7 @@ class Engine(ABC):
     model: nn.Module  # wrapped for the strategy (DDP, FSDP, DeepSpeedEngine, or bare)
     raw_model: nn.Module  # the plain GPT inside
     optimizer: torch.optim.Optimizer  # the torch optimizer (not a wrapper)
+    scaler: Any  # torch GradScaler/ShardedGradScaler (enabled for fp16 only); unused by ZeRO
 
     def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
         self.cfg = cfg
@@ -220,10 +221,26 @@ class Engine(ABC):
         `optimizer_step`. `last` marks the final micro-batch of a step (sync gradients now).
         Returns the micro-batch's mean loss, detached, unscaled."""
 
-    @abstractmethod
     def optimizer_step(self, lr: float, max_norm: float) -> torch.Tensor:
         """Set the learning rate, clip (max_norm > 0), step and zero the gradients.
-        Returns the global gradient norm before clipping (a 0-dim tensor)."""
+        Returns the global gradient norm before clipping (a 0-dim tensor).
+
+        This is the torch path (single, ddp, fsdp*) with the engine's `self.scaler`; DeepSpeed
+        steps its own way."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        # With DTensor (FSDP) gradients this is the norm of the full gradient (a collective).
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), max_norm if max_norm > 0 else float("inf")
+        )
+        full = getattr(norm, "full_tensor", None)
+        norm = full() if callable(full) else norm
+        # With fp16, step() is skipped when gradients overflowed; update() adapts the scale.
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
 
     def state_dict(self) -> dict[str, Any]:
         """{"model": ..., "optim": ...} keyed by parameter names (DCP-ready; may hold DTensors).
@@ -234,9 +251,8 @@ class Engine(ABC):
             "model": get_model_state_dict(self.model),
             "optim": get_optimizer_state_dict(self.model, self.optimizer),
         }
-        scaler = getattr(self, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            state["scaler"] = scaler_state_of(scaler)
+        if getattr(self, "scaler", None) is not None and self.scaler.is_enabled():
+            state["scaler"] = scaler_state_of(self.scaler)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

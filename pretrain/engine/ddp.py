@@ -40,16 +40,3 @@ class DDPEngine(Engine):
                 _, loss = self.model(x, y)
             self.scaler.scale(loss / self.accum).backward()
         return loss.detach().float()
-
-    def optimizer_step(self, lr: float, max_norm: float) -> torch.Tensor:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.raw_model.parameters(), max_norm if max_norm > 0 else float("inf")
-        )
-        # With fp16, step() is skipped when gradients overflowed; update() adapts the scale.
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()

@@ -147,21 +147,6 @@ class FSDPEngine(Engine):
         self.scaler.scale(loss / self.accum).backward()
         return loss.detach().float()
 
-    def optimizer_step(self, lr: float, max_norm: float) -> torch.Tensor:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.unscale_(self.optimizer)
-        # With DTensor gradients this is the norm of the full gradient (a collective).
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), max_norm if max_norm > 0 else float("inf")
-        )
-        full = getattr(norm, "full_tensor", None)
-        norm = full() if callable(full) else norm
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.model.eval()
