@@ -65,6 +65,26 @@ GPT2_GELUS = ("gelu_pytorch_tanh", "gelu_new")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+def quiet_import() -> None:
+    """Import transformers' model code with torchao's start-up notices silenced: transformers
+    imports torchao (installed for compression) to look for quantisers, and torchao reports
+    each CUDA-only kernel it cannot load on a CPU machine. Call before any transformers use."""
+    import logging
+    import sys
+
+    if "transformers.modeling_utils" in sys.modules:
+        return
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 class HFError(ValueError):
     """A model that does not map onto a stock transformers class (or an unreadable HF dir);
     the message says which options prevent it and what to do."""
@@ -99,6 +119,7 @@ def to_hf_config(
     cfg: GPTConfig, *, eos_id: int, pad_id: int, dtype: str = "fp32"
 ) -> PretrainedConfig:
     """The transformers config of the stock class `cfg` maps onto (HFError if none)."""
+    quiet_import()
     from transformers import GPT2Config, LlamaConfig
 
     fam = family(cfg)
@@ -344,6 +365,7 @@ def hf_tokenizer(sp_model: str | Path, model_max_length: int) -> PreTrainedToken
     prepends nor splits. No post-processor: nothing is added to encoded text (our data has no
     BOS), and `split_special_tokens=True` makes text that spells "</s>" encode as text, as
     sentencepiece does."""
+    quiet_import()
     import sentencepiece as spm
     from tokenizers import AddedToken, decoders, pre_tokenizers
     from tokenizers import Tokenizer as RawTokenizer
@@ -409,6 +431,8 @@ def save_hf(
     generation_config.json, model*.safetensors (sharded with an index above max_shard_size,
     as save_pretrained shards), tokenizer.json and tokenizer_config.json."""
     import sentencepiece as spm
+
+    quiet_import()
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if dtype not in DTYPES:
@@ -444,6 +468,7 @@ def load_hf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """Our config and fp32 state dict from an HF directory of a GPT-2 or Llama model.
 
     The architecture is checked from config.json before any weight is read."""
+    quiet_import()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -458,9 +483,17 @@ def load_hf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
             ) from e
         raise HFError(f"{path}/config.json is not a readable Hugging Face config: {e}") from e
     cfg = from_hf_config(hc)
-    loaded: Any = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, output_loading_info=True
-    )
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per small load is noise in eval's output
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True
+        )
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model, info = loaded
     if info["missing_keys"] or info["mismatched_keys"]:
         raise HFError(

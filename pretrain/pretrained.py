@@ -82,6 +82,9 @@ class HFText(TextTokenizer):
     """A transformers tokenizer (tokenizer.json). No BOS or EOS is added to encoded text."""
 
     def __init__(self, path: Path) -> None:
+        from pretrain.hf import quiet_import
+
+        quiet_import()
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(path)
@@ -128,13 +131,12 @@ def tokenizer_file(ckpt: Path) -> Path:
     for cand in (ckpt / "tokenizer.model", ckpt.parent.parent / "tokenizer.model"):
         if cand.is_file():
             return cand
-    cfg = checkpoint.read_config(ckpt)
-    data_tok = Path(cfg["data"]["dir"]) / "tokenizer.model"
-    if data_tok.is_file():
-        return data_tok
+    data_dir = (checkpoint.read_config(ckpt).get("data") or {}).get("dir")
+    if data_dir and (Path(data_dir) / "tokenizer.model").is_file():
+        return Path(data_dir) / "tokenizer.model"
     raise SourceError(
         f"no tokenizer.model next to {ckpt}, in its run directory or in its data dir "
-        f"{cfg['data']['dir']}: copy the tokenizer the run was trained with to "
+        f"({data_dir or 'none recorded'}): copy the tokenizer the run was trained with to "
         f"{ckpt.parent.parent / 'tokenizer.model'}"
     )
 
