@@ -80,6 +80,7 @@ def export_hf(
         tokenizer_file(ckpt),
         dtype=dtype,
         max_shard_size=max_shard_size,
+        consume=True,  # the weights are ours alone: convert them without a second copy
     )
 
 

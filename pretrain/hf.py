@@ -244,25 +244,35 @@ def from_hf_config(hc: PretrainedConfig) -> GPTConfig:
 
 
 def to_hf_state_dict(
-    cfg: GPTConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+    cfg: GPTConfig,
+    sd: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    *,
+    consume: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Our state dict (padded vocabulary) -> the HF state dict of `family(cfg)`, in `dtype`.
 
-    Every tensor is a fresh contiguous copy (safetensors refuses views that share storage)."""
+    Every tensor is a fresh contiguous copy (safetensors refuses views that share storage).
+    consume=True empties `sd` as it goes, so a large model is held about once, not twice."""
     fam = family(cfg)
     V = cfg.vocab_size
+
+    def take(key: str) -> torch.Tensor:
+        return sd.pop(key) if consume else sd[key]
 
     def new(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(dtype=dtype, copy=True).contiguous()
 
     out: dict[str, torch.Tensor] = {}
     if fam == "gpt2":
-        for k, v in sd.items():
+        for k in list(sd):
+            v = take(k)
             if k == "lm_head.weight" and cfg.tie_embeddings:
                 continue  # HF ties it to transformer.wte itself
             if k in ("transformer.wte.weight", "lm_head.weight"):
                 v = v[:V]  # drop the padded rows
             out[k] = new(v.t() if k.endswith(CONV1D) else v)
+            del v
         if not cfg.bias:  # HF GPT-2 always has biases (LayerNorm and Conv1D): zeros are ours
             for k, v in list(out.items()):
                 if (
@@ -276,24 +286,27 @@ def to_hf_state_dict(
         return out
 
     H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
-    out["model.embed_tokens.weight"] = new(sd["transformer.wte.weight"][:V])
-    out["model.norm.weight"] = new(sd["transformer.ln_f.weight"])
+    out["model.embed_tokens.weight"] = new(take("transformer.wte.weight")[:V])
+    out["model.norm.weight"] = new(take("transformer.ln_f.weight"))
+    head = take("lm_head.weight")
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = new(sd["lm_head.weight"][:V])
+        out["lm_head.weight"] = new(head[:V])
+    del head
     for i in range(cfg.n_layer):
         ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
-        out[hf + "input_layernorm.weight"] = new(sd[ours + "ln_1.weight"])
-        out[hf + "post_attention_layernorm.weight"] = new(sd[ours + "ln_2.weight"])
+        out[hf + "input_layernorm.weight"] = new(take(ours + "ln_1.weight"))
+        out[hf + "post_attention_layernorm.weight"] = new(take(ours + "ln_2.weight"))
         for s in ("weight", "bias") if cfg.bias else ("weight",):
-            q, k, v = sd[ours + f"attn.c_attn.{s}"].split([H * D, Hkv * D, Hkv * D])
-            gate, up = sd[ours + f"mlp.c_fc.{s}"].chunk(2)
+            q, k, v = take(ours + f"attn.c_attn.{s}").split([H * D, Hkv * D, Hkv * D])
+            gate, up = take(ours + f"mlp.c_fc.{s}").chunk(2)
             out[hf + f"self_attn.q_proj.{s}"] = new(q)
             out[hf + f"self_attn.k_proj.{s}"] = new(k)
             out[hf + f"self_attn.v_proj.{s}"] = new(v)
-            out[hf + f"self_attn.o_proj.{s}"] = new(sd[ours + f"attn.c_proj.{s}"])
+            out[hf + f"self_attn.o_proj.{s}"] = new(take(ours + f"attn.c_proj.{s}"))
             out[hf + f"mlp.gate_proj.{s}"] = new(gate)
             out[hf + f"mlp.up_proj.{s}"] = new(up)
-            out[hf + f"mlp.down_proj.{s}"] = new(sd[ours + f"mlp.c_proj.{s}"])
+            out[hf + f"mlp.down_proj.{s}"] = new(take(ours + f"mlp.c_proj.{s}"))
+            del q, k, v, gate, up
     return out
 
 
@@ -426,10 +439,13 @@ def save_hf(
     *,
     dtype: str = "fp32",
     max_shard_size: str | int = "5GB",
+    consume: bool = False,
 ) -> Path:
     """Write `out/` so that stock transformers loads it offline: config.json,
     generation_config.json, model*.safetensors (sharded with an index above max_shard_size,
-    as save_pretrained shards), tokenizer.json and tokenizer_config.json."""
+    as save_pretrained shards), tokenizer.json and tokenizer_config.json.
+
+    consume=True empties `sd` while converting (see `to_hf_state_dict`)."""
     import sentencepiece as spm
 
     quiet_import()
@@ -444,7 +460,7 @@ def save_hf(
             f"{cfg.vocab_size}: this is not the model's tokenizer"
         )
     hc = to_hf_config(cfg, eos_id=sp.eos_id(), pad_id=sp.pad_id(), dtype=dtype)
-    weights = to_hf_state_dict(cfg, sd, DTYPES[dtype])
+    weights = to_hf_state_dict(cfg, sd, DTYPES[dtype], consume=consume)
     # Built on the meta device (no init of weights that are overwritten at once), then the
     # converted tensors are assigned as its parameters.
     with torch.device("meta"):
