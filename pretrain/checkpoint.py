@@ -215,6 +215,85 @@ def save(
     return final
 
 
+class Checkpointer:
+    """The run's checkpoints: where they live, when one is due, what it holds, and which one a
+    restarted run continues from. The loop only reports progress and asks.
+
+    A save holds the engine's tensors in their portable form (`Engine.state_dict`), the train
+    state, every rank's data-loader position and RNG, the resolved config, and whatever the
+    engine writes in its backend's own format (`Engine.save_native`). One is due every
+    `checkpoint.every` steps, at the last step, and whenever the loop must stop early
+    (preemption, `train.stop_at_step`), never twice for the same step."""
+
+    def __init__(self, run_dir: Path, cfg: Any, config: dict[str, Any], max_steps: int) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.every, self.keep_last, self.resume = cfg.every, cfg.keep_last, cfg.resume
+        self.config, self.max_steps = config, max_steps
+        self.last_saved: int | None = None
+
+    def resume_point(self) -> Path | None:
+        """Collective. The checkpoint to continue from (`checkpoint.resume`), after rank 0 made
+        the checkpoint directory hold one timeline (`prepare_root`)."""
+        found = find_resume(self.root, self.resume)
+        if dist.is_main():
+            prepare_root(self.root, found, self.resume)
+        dist.barrier()
+        return found
+
+    def same_run(self, path: Path) -> bool:
+        """Whether `path` is one of this run directory's own checkpoints (and not a branch
+        point taken from another run)."""
+        return path.parent.resolve() == self.root.resolve()
+
+    def restore(self, path: Path, engine: Any) -> dict[str, Any]:
+        """Load the engine's state from `path` in place; returns the saved train state."""
+        state = engine.state_dict()
+        train_state = load(path, state)
+        engine.load_state_dict(state)
+        self.last_saved = int(train_state["step"])
+        return train_state
+
+    def due(self, step: int, *, stop: bool = False) -> bool:
+        if step == self.last_saved:
+            return False
+        return step % self.every == 0 or step == self.max_steps or stop
+
+    def latest(self) -> Path | None:
+        return find_resume(self.root, "auto")
+
+    def save(self, step: int, engine: Any, train_state: dict[str, Any], loader: Any) -> Path:
+        """Collective: every rank calls it. `loader`'s position is gathered from every rank, so
+        that any world size can take the epoch over."""
+        train_state = {
+            **train_state,
+            "step": step,
+            "loader": gather_states(loader.state_dict()),
+            "world_size": dist.world_size(),
+        }
+        path = save(
+            self.root,
+            step,
+            engine.state_dict(),
+            train_state,
+            self.config,
+            self.keep_last,
+            native_saver=engine.save_native,
+        )
+        self.last_saved = step
+        return path
+
+
+def gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's `state` (small, JSON-able), in rank order; a collective."""
+    if dist.world_size() == 1:
+        return [state]
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * dist.world_size()
+    tdist.all_gather_object(out, state)
+    return out
+
+
 def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     """Fill `state` (same structure as the engine's state_dict) in place from `path`.
     Returns the saved train_state."""
