@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain import dist
+from pretrain.failpoint import failpoint
 
 # DCP warns on every single-process save/load that it assumes a single process: it is right.
 warnings.filterwarnings("ignore", message=".*assuming the intent is to")
@@ -45,14 +45,6 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _failpoint(name: str) -> None:
-    """Crash here, for real (SIGKILL), when PRETRAIN_FAILPOINT names this point.
-
-    Lets tests kill a save at an exact moment instead of racing a timer."""
-    if os.environ.get("PRETRAIN_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def step_dir_name(step: int) -> str:
@@ -165,9 +157,15 @@ def save(
     keep_last: int,
     native_saver: Any = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    Every rank writes its part (tensors, RNG, the backend's native files), then all ranks agree
+    on whether every part was written before rank 0 publishes anything: a write that failed on
+    any rank raises CheckpointError on every rank, and that checkpoint never becomes complete
+    or `latest`."""
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
+    local_error: str | None = None
     try:
         if dist.is_main():
             root.mkdir(parents=True, exist_ok=True)
@@ -180,9 +178,16 @@ def save(
         _fsync_file(tmp / "rng" / f"rank_{dist.rank()}.pt")
         if native_saver is not None:
             native_saver(str(tmp / "deepspeed"))
-        dist.barrier()
-        _failpoint("checkpoint.after_tensors")
-        if dist.is_main():
+    except (OSError, RuntimeError, CheckpointException) as e:
+        # torch.save reports a failed write as RuntimeError, DCP as CheckpointException.
+        local_error = _describe(e)
+    reports = gather_states({"error": local_error})  # every rank's outcome, in rank order
+    failed = [rep["error"] for rep in reports if rep["error"] is not None]
+    if failed:
+        _give_up(root, tmp, final, "; ".join(dict.fromkeys(failed)))  # each cause once
+    failpoint("checkpoint.after_tensors")
+    if dist.is_main():
+        try:
             _write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
             _write_text(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False))
             _fsync_tree(tmp)
@@ -191,7 +196,7 @@ def save(
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_file(root)
-            _failpoint("checkpoint.before_latest")
+            failpoint("checkpoint.before_latest")
             _write_text(root / f".{LATEST}.tmp", final.name + "\n")
             os.replace(root / f".{LATEST}.tmp", root / LATEST)
             _fsync_file(root)
@@ -200,19 +205,37 @@ def save(
                 doomed = root / f".del-{old.name}"
                 os.replace(old, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
-    except (OSError, RuntimeError, CheckpointException) as e:
-        # torch.save reports a failed write as RuntimeError, DCP as CheckpointException.
-        previous = find_resume(root, "auto") if root.is_dir() else None
-        if dist.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"saving checkpoint {final} failed: {e}. The previous checkpoint "
-            f"({previous or 'none yet'}) is intact. Check free space, quotas and permissions "
-            "under run.dir (or point run.dir at a volume with room), then resume with "
-            "checkpoint.resume=auto."
-        ) from e
+        except OSError as e:
+            # Rank 0 alone fails here; the other ranks wait at the barrier below until the
+            # failure report stops them (pretrain.dist.watch_peers).
+            _give_up(root, tmp, final, _describe(e))
     dist.barrier()
     return final
+
+
+def _describe(e: BaseException) -> str:
+    """Which rank failed and why, in one line each (DCP reports every rank's failure at once,
+    with tracebacks: keep the cause)."""
+    if isinstance(e, CheckpointException):
+        causes = []
+        for r, (exc, _trace) in sorted(e.failures.items()):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            causes.append(f"on rank {r} ({type(exc).__name__}: {first})")
+        return "; ".join(causes)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"on rank {dist.rank()} ({type(e).__name__}: {first})"
+
+
+def _give_up(root: Path, tmp: Path, final: Path, what: str) -> None:
+    previous = find_resume(root, "auto") if root.is_dir() else None
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(
+        f"saving checkpoint {final} failed {what}. The previous checkpoint "
+        f"({previous or 'none yet'}) is intact. Check free space, quotas and permissions "
+        "under run.dir (or point run.dir at a volume with room), then resume with "
+        "checkpoint.resume=auto."
+    )
 
 
 class Checkpointer:

@@ -34,6 +34,7 @@ from pretrain.config import Config, ConfigError, check_overrides, to_dict, valid
 from pretrain.data.loader import TokenLoader
 from pretrain.data.shards import DataError, is_local, local_path, read_manifest
 from pretrain.engine import Engine, create_engine
+from pretrain.failpoint import failpoint
 from pretrain.flops import flops_per_token, peak_flops
 from pretrain.metrics import Metrics, memory_bytes, new_run_id, plot_loss_curve
 from pretrain.model import GPTConfig
@@ -220,6 +221,7 @@ def train(cfg: Config) -> int:
     # its accumulation.
     accum, tokens_per_step = batch_geometry(cfg, dist.world_size())
     engine = create_engine(cfg, accum)
+    dist.watch_peers()  # one rank's failure stops every rank within a second
     run_dir = Path(cfg.run.dir)
     resolved = to_dict(cfg)  # type: ignore[arg-type]
     model_cfg = model_config(cfg, manifest.vocab_size, data_dir)
@@ -288,6 +290,7 @@ def train(cfg: Config) -> int:
         for micro in range(accum):
             x, y = next(batches)  # [micro_batch, seq_len] each
             x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
+            failpoint("train.micro_step")
             step_loss += engine.micro_step(x, y, last=micro == accum - 1) / accum
         lr = lr_at(step, cfg.train.max_steps, cfg.optim.lr, cfg.schedule)
         grad_norm = engine.optimizer_step(lr, cfg.optim.grad_clip)
@@ -328,6 +331,7 @@ def train(cfg: Config) -> int:
             break
 
     # ---- teardown ------------------------------------------------------------------------
+    dist.stop_watching()  # ranks that finish first must not look like failures to the rest
     metrics.close()
     if dist.is_main() and step == cfg.train.max_steps:
         try:
@@ -356,14 +360,28 @@ def setup_run_dir(run_dir: Path, resolved: dict[str, Any], data_dir: str, manife
     return expected
 
 
+EXPECTED_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteLoss)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def _main(cfg: DictConfig) -> None:
     try:
         code = train(cfg)  # type: ignore[arg-type]
-    except (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteLoss) as e:
-        # Expected failures get their message, not a traceback.
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 1
+    except BaseException as e:
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        # Every rank learns of the failure at once (dist.watch_peers); only the job's first
+        # failure is reported: later ones on other ranks are its consequences.
+        first = dist.report_failure(f"{type(e).__name__}: {e}")
+        if not isinstance(e, EXPECTED_ERRORS):
+            if first:
+                raise  # a bug: Hydra prints the traceback
+            code = 1
+        else:
+            # Expected failures get their message, not a traceback.
+            if first:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            code = 1
     finally:
         if dist.initialized():
             with contextlib.suppress(Exception):  # best effort on the way out
