@@ -23,7 +23,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,13 +240,21 @@ ARCHITECTURE: dict[str, Any] = {
 }
 
 
+DERIVED = ("n_kv_head", "mlp_hidden")  # 0 = a rule over the other fields
+
+
 def architecture_mismatches(source: GPTConfig, target: GPTConfig) -> list[tuple[str, Any, Any]]:
-    """(key, target value, source value) for every architecture field that differs."""
-    out = []
-    for key, get in ARCHITECTURE.items():
-        if get(source) != get(target):
-            out.append((key, get(target), get(source)))
-    return out
+    """(key, target value, source value) for every architecture field that differs. A derived
+    size (n_kv_head, mlp_hidden) is named only if it still differs once the other keys agree:
+    n_embd=32 vs 64 says it all, the MLP width that follows from it is not a second problem."""
+
+    def diff(a: GPTConfig, b: GPTConfig) -> list[tuple[str, Any, Any]]:
+        return [(k, get(b), get(a)) for k, get in ARCHITECTURE.items() if get(a) != get(b)]
+
+    primary = [d for d in diff(source, target) if d[0] not in DERIVED]
+    fixed = replace(target, **{k: s for k, _, s in primary if s is not None})
+    derived = [d for d in diff(source, fixed) if d[0] in DERIVED]
+    return [d for d in diff(source, target) if d in primary or d[0] in {x[0] for x in derived}]
 
 
 def weights_for(p: Pretrained, target: GPTConfig) -> dict[str, torch.Tensor]:
@@ -267,9 +275,12 @@ def weights_for(p: Pretrained, target: GPTConfig) -> dict[str, torch.Tensor]:
 def load_for_init(
     source: str, target: GPTConfig, manifest: Manifest, *, allow_pipe: bool = False
 ) -> tuple[Pretrained, dict[str, torch.Tensor]]:
-    """`train.init_from`: the source and its weights for `target`, after checking that its
-    architecture is `model.*` (named key by key when not) and that it reads the data's tokens."""
+    """`train.init_from`: the source and its weights for `target`, after checking that it reads
+    the data's tokens and that its architecture is `model.*` (named key by key when not)."""
     p = load_pretrained(source)
+    # The tokenizer first: another tokenizer also means another vocabulary size, and that is
+    # its cause, not a model.vocab_size to change.
+    check_tokenizer(p, manifest, allow_pipe=allow_pipe)
     bad = architecture_mismatches(p.config, target)
     if bad:
         raise SourceError(
@@ -279,7 +290,6 @@ def load_for_init(
             + " ".join(f"model.{k}={_override(s)}" for k, _, s in bad)
             + ") or pick the model preset it was trained with"
         )
-    check_tokenizer(p, manifest, allow_pipe=allow_pipe)
     return p, weights_for(p, target)
 
 

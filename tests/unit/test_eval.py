@@ -150,3 +150,13 @@ def test_weights_for_another_vocabulary_padding(tie: bool) -> None:
     x = torch.randint(0, 512, (2, 16))
     # The same 16-term dot products; only the matmul's width differs (512 vs 576 columns).
     torch.testing.assert_close(dst(x)[0], src(x)[0][..., :512], rtol=0, atol=1e-6)
+
+
+def test_init_from_and_an_explicit_resume_are_refused_together() -> None:
+    from pretrain.config import validate
+    from tests.unit.test_engine import make_cfg
+
+    with pytest.raises(ConfigError, match="both name weights to start from"):
+        validate(make_cfg("train.init_from=/a/run", "checkpoint.resume=/b/ckpt"))
+    validate(make_cfg("train.init_from=/a/run"))  # resume=auto: a requeued job resumes
+    validate(make_cfg("train.init_from=/a/run", "checkpoint.resume=none"))
