@@ -56,7 +56,8 @@ def test_score_does_not_depend_on_batching() -> None:
     assert batched == pytest.approx(one_by_one, rel=1e-6)
     direct = 0.0
     for x, y in wins:
-        logits, _ = model(torch.tensor(x)[None])
+        with torch.no_grad():
+            logits, _ = model(torch.tensor(x)[None])
         direct -= float(logits[0].log_softmax(-1).gather(-1, torch.tensor(y)[:, None]).sum())
     assert one_by_one == pytest.approx(direct, rel=1e-6)
 
@@ -70,7 +71,8 @@ def test_lm_adapter_scores_like_the_model(tiny_data: Path) -> None:
     got = lm._loglikelihood_tokens([(None, ctx, cont), (None, long_ctx, cont), (None, [2], cont)])
     for (ll, _), c in zip(got, (ctx, long_ctx, [2])):
         whole = (c + cont)[-17:]
-        logp = model(torch.tensor(whole[:-1])[None])[0][0].log_softmax(-1)
+        with torch.no_grad():
+            logp = model(torch.tensor(whole[:-1])[None])[0][0].log_softmax(-1)
         ref = sum(float(logp[len(whole) - 1 - len(cont) + i, t]) for i, t in enumerate(cont))
         assert ll == pytest.approx(ref, abs=1e-5)
     assert lm.prefix_token_id == lm.eot_token_id == tok.eos_id  # empty contexts: after EOS
