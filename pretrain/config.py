@@ -99,8 +99,9 @@ class PrecisionConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "single"
-    """single, ddp, zero1, zero2, zero3, zero3_offload, fsdp, fsdp_grad_op, hsdp."""
+    name: str = "auto"
+    """auto (follow the launcher: see pretrain/engine/launcher.py), single, ddp, zero1, zero2,
+    zero3, zero3_offload, fsdp, fsdp_grad_op, hsdp."""
     fallback: str = "fsdp"
     """When DeepSpeed cannot be used: fsdp (run the FSDP equivalent, say so) or error."""
     deepspeed_config: str = ""
@@ -205,6 +206,7 @@ def validate(cfg: Config) -> None:
         "schedule.name": (cfg.schedule.name, ("cosine", "wsd", "constant")),
         "precision.dtype": (cfg.precision.dtype, ("fp32", "bf16", "fp16")),
         "strategy.fallback": (cfg.strategy.fallback, ("fsdp", "error")),
+        "strategy.name": (cfg.strategy.name, ("auto", *STRATEGIES)),
         "logging.wandb_mode": (cfg.logging.wandb_mode, ("auto", "online", "offline", "disabled")),
         "train.device": (cfg.train.device, ("auto", "cuda", "cpu")),
     }

@@ -280,7 +280,7 @@ def train(cfg: Config) -> int:
     )
     metrics.print(
         f"pretrain: {engine.num_params / 1e6:.2f}M params | strategy {engine.name} x"
-        f"{engine.world_size} on {engine.device.type} | {cfg.precision.dtype} | batch "
+        f"{engine.world_size} ({engine.why}) on {engine.device.type} | {cfg.precision.dtype} | batch "
         f"{tokens_per_step} tokens (micro {cfg.train.micro_batch} x seq {cfg.train.seq_len} x "
         f"accum {accum}) | run dir {run_dir}"
         + (f" | resumed from {resume_from} (step {step})" if resume_from else "")
