@@ -179,20 +179,28 @@ def evaluate_split(
     if not 0 < seq_len <= block:
         raise ConfigError(f"seq_len={seq_len} must be in [1, block_size={block}] (0 = block_size)")
     sp = data_tokenizer(manifest, allow_pipe=allow_pipe)
-    docs: list[np.ndarray] = []
-    for shard in manifest.shards(split):
-        docs += read_shard(manifest, shard, allow_pipe=allow_pipe)
-        if 0 < max_documents <= len(docs):
-            docs = docs[:max_documents]
-            break
-    if not docs:
+    nll, tokens, n_bytes, n_docs, elapsed = 0.0, 0, 0, 0, 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        # Shard by shard: memory holds one shard's windows, however large the split.
+        for shard in manifest.shards(split):
+            docs = read_shard(manifest, shard, allow_pipe=allow_pipe)
+            if max_documents:
+                docs = docs[: max_documents - n_docs]
+            n_bytes += sum(len(sp.decode([int(t) for t in d]).encode("utf-8")) for d in docs)
+            wins = [w for d in docs for w in windows(d, manifest.eos_id, seq_len)]
+            start = time.perf_counter()
+            nll += score_windows(model, wins, batch_tokens, device, precision)
+            elapsed += time.perf_counter() - start
+            tokens += sum(len(d) for d in docs)
+            n_docs += len(docs)
+            if n_docs == max_documents:
+                break
+    finally:
+        model.train(was_training)
+    if not n_docs:
         raise DataError(f"split {split!r} of {manifest.source} has no documents to evaluate")
-    n_bytes = sum(len(sp.decode([int(t) for t in d]).encode("utf-8")) for d in docs)
-    wins = [w for d in docs for w in windows(d, manifest.eos_id, seq_len)]
-    tokens = sum(len(d) for d in docs)
-    start = time.perf_counter()
-    nll = score_windows(model, wins, batch_tokens, device, precision)
-    elapsed = time.perf_counter() - start
     loss = nll / tokens
     return {
         "split": split,
@@ -201,7 +209,7 @@ def evaluate_split(
         "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
         "tokens": tokens,
         "bytes": n_bytes,
-        "documents": len(docs),
+        "documents": n_docs,
         "seq_len": seq_len,
         "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
     }
