@@ -477,6 +477,15 @@ def save_hf(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     hf_tokenizer(sp_model, cfg.block_size).save_pretrained(out)
+    # transformers 5 names its fast tokenizer class TokenizersBackend; PreTrainedTokenizerFast is
+    # the same class there and the name transformers 4 knows, so readers of either load it.
+    tok_cfg = out / "tokenizer_config.json"
+    tok_cfg.write_text(
+        json.dumps(
+            {**json.loads(tok_cfg.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"},
+            indent=2,
+        )
+    )
     return out
 
 

@@ -113,6 +113,8 @@ def test_bf16_and_sharded_save(tiny_data: Path, tmp_path: Path) -> None:
     w = theirs.model.layers[0].self_attn.q_proj.weight
     ref = ours.transformer.h[0].attn.c_attn.weight[: w.shape[0]].to(torch.bfloat16)
     assert torch.equal(w, ref)  # rounding fp32 -> bf16 once, the same way on both sides
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # known to transformers 4 too
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2 and gen["pad_token_id"] == 3
 
@@ -219,3 +221,33 @@ def test_tokenizer_specials_and_space_marker(tokenizers: tuple) -> None:
     marker = "a\u2581b"
     assert theirs.encode(marker, add_special_tokens=False) == sp.encode(marker)
     assert theirs.decode(sp.encode(marker)) == sp.decode(sp.encode(marker)) == "a b"
+
+
+def test_models_transformers_builds_read_as_ours(val_ids: torch.Tensor, tmp_path: Path) -> None:
+    """Not our exports: GPT-2 and Llama checkpoints as transformers itself makes them (its
+    defaults: gelu_new, dropout configured, biases, HF's RMSNorm epsilon, another RoPE base)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    models = {
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32,
+                                           n_layer=2, n_head=4)),
+        "llama": LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        )),
+    }  # fmt: skip
+    for name, theirs in models.items():
+        with torch.no_grad():
+            for p in theirs.parameters():  # biases and norm gains away from 0 and 1
+                p.add_(torch.randn_like(p) * 0.05)
+        theirs.save_pretrained(tmp_path / name)
+        cfg, sd = hf.load_hf(tmp_path / name)
+        ours = GPT(cfg).eval()
+        ours.load_state_dict(sd)
+        with torch.no_grad():
+            a = ours(val_ids)[0][..., :VOCAB]
+            b = theirs.eval()(val_ids).logits
+        # gelu_new is the tanh GELU written out in Python: 1e-7 from torch's, within ATOL.
+        assert (a - b).abs().max().item() <= ATOL, name
