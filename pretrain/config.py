@@ -141,13 +141,16 @@ class LoggingConfig:
     every: int = 10
     """Log metrics every N steps."""
     wandb: bool = True
-    """Log to Weights & Biases (offline when no API key; failures never stop training)."""
+    """Log to Weights & Biases (see wandb_mode; once started, a W&B failure never stops training)."""
     wandb_project: str = "pretrain"
     """W&B project."""
     wandb_entity: str = ""
     """W&B entity (team); empty = your default."""
     wandb_mode: str = "auto"
-    """auto (online with WANDB_API_KEY, else offline), online, offline, disabled."""
+    """auto (online with WANDB_API_KEY, offline if unreachable or no key), online (fail if
+    unreachable), offline, disabled."""
+    wandb_init_timeout_s: float = 7.0
+    """Seconds W&B may take to start an online run before auto falls back to offline (online fails)."""
     peak_flops: float = 0.0
     """Peak FLOP/s per device for MFU (0 = look up the device in the peak table)."""
     progress: bool = True
@@ -208,13 +211,14 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
-    positive: dict[str, int] = {
+    positive: dict[str, float] = {
         "logging.every": cfg.logging.every,
         "checkpoint.every": cfg.checkpoint.every,
         "train.max_steps": cfg.train.max_steps,
         "train.micro_batch": cfg.train.micro_batch,
         "train.seq_len": cfg.train.seq_len,
         "dist.timeout_s": cfg.dist.timeout_s,
+        "logging.wandb_init_timeout_s": cfg.logging.wandb_init_timeout_s,
     }
     for key, number in positive.items():
         if number <= 0:

@@ -6,8 +6,8 @@ engine's business, not the loop's.
 
 Exit status: 0 when max_steps (or train.stop_at_step) is reached; 75 (EX_TEMPFAIL) after
 SIGTERM/SIGUSR1, acted on at the next logging step with a checkpoint saved, so that a launcher
-requeues the job; 1 with a one-line message for a bad config, bad data, a NaN loss or a failed
-checkpoint save.
+requeues the job; 1 with a one-line message for a bad config, bad data, a NaN loss, a failed
+checkpoint save, or W&B that cannot start with logging.wandb_mode=online.
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ from pretrain.data.loader import TokenLoader
 from pretrain.data.shards import DataError, is_local, local_path, read_manifest
 from pretrain.engine import Engine, create_engine
 from pretrain.flops import flops_per_token, peak_flops
-from pretrain.metrics import Metrics, memory_bytes, new_run_id, plot_loss_curve
+from pretrain.metrics import (
+    Metrics,
+    WandbUnavailable,
+    memory_bytes,
+    new_run_id,
+    plot_loss_curve,
+)
 from pretrain.model import GPTConfig
 from pretrain.optim import build_optimizer, lr_at
 from pretrain.tokenizer import file_sha256
@@ -267,6 +273,7 @@ def train(cfg: Config) -> int:
         total_steps=cfg.train.max_steps,
         start_step=step,
         progress=cfg.logging.progress,
+        init_timeout_s=cfg.logging.wandb_init_timeout_s,
     )
     metrics.print(
         f"pretrain: {engine.num_params / 1e6:.2f}M params | strategy {engine.name} x"
@@ -360,7 +367,13 @@ def setup_run_dir(run_dir: Path, resolved: dict[str, Any], data_dir: str, manife
 def _main(cfg: DictConfig) -> None:
     try:
         code = train(cfg)  # type: ignore[arg-type]
-    except (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteLoss) as e:
+    except (
+        ConfigError,
+        DataError,
+        checkpoint.CheckpointError,
+        NonFiniteLoss,
+        WandbUnavailable,
+    ) as e:
         # Expected failures get their message, not a traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 1

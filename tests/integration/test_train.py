@@ -15,8 +15,9 @@ import torch
 from pretrain import checkpoint
 from pretrain.metrics import read_metrics
 from pretrain.model import GPT, GPTConfig
-from tests.conftest import REPO, test_env
+from tests.conftest import REPO, test_env, torchrun
 from tests.wandb_offline import find_offline_runs, read_history, read_run_info
+from tests.wandb_offline import read_config as read_wandb_config
 
 
 def train_cli(
@@ -332,3 +333,106 @@ def test_one_timeline_per_run_dir(tiny_data: Path, tmp_path: Path) -> None:
     assert names == ["step_0000003", "step_0000006"]  # debug keeps the last 2
     found = checkpoint.find_resume(run / "checkpoints", "auto")
     assert found is not None and found.name == "step_0000006"
+
+
+# ---- W&B on a machine that cannot reach it (this one: no internet) -------------------------
+
+# A key of the right shape: W&B accepts it locally and only the server could refuse it.
+FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
+# The issue's bound on deciding that W&B is unreachable (the default init timeout is 7 s; W&B's
+# service start-up comes on top).
+DECIDE_WITHIN_S = 10.0
+
+
+def no_internet_env(tmp_path: Path) -> dict[str, str]:
+    """A user's environment with a W&B key, W&B's mode left to the config, W&B's own config and
+    cache in the test's directory."""
+    env = test_env(
+        WANDB_API_KEY=FAKE_WANDB_KEY,
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+    )
+    env.pop("WANDB_MODE")
+    return env
+
+
+def waited_s(line: str) -> float:
+    import re
+
+    m = re.search(r"within ([0-9.]+) s", line)
+    assert m, line
+    return float(m.group(1))
+
+
+@pytest.mark.timeout(300)
+def test_auto_mode_without_internet_logs_offline_and_a_requeue_continues_the_run(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    run, env = tmp_path / "run", no_internet_env(tmp_path)
+    wb = ("logging.wandb=true", "logging.wandb_mode=auto", "checkpoint.every=100")
+    first = ok(train_cli(tiny_data, run, "train.max_steps=10", "train.stop_at_step=5", *wb,
+                         env=env))  # fmt: skip
+    (line,) = [ln for ln in first.stdout.splitlines() if "could not reach" in ln]
+    assert waited_s(line) < DECIDE_WITHIN_S, line
+    command = f"wandb sync {run / 'wandb'}"
+    assert line.endswith(f"logging offline instead to {run / 'wandb'}. Upload later: {command}")
+    # The run's end repeats the command.
+    assert first.stdout.rstrip().endswith(f"Upload it with: {command}"), first.stdout[-500:]
+    # Nothing but the offline record: the failed online attempt left no run directory.
+    dirs = [p.name for p in (run / "wandb").iterdir() if p.is_dir() and not p.is_symlink()]
+    assert len(dirs) == 1 and dirs[0].startswith("offline-run-"), dirs
+
+    # The requeued job (same run dir, resume=auto) continues the offline run without waiting.
+    second = ok(train_cli(tiny_data, run, "train.max_steps=10", *wb, env=env))
+    assert "could not reach" not in second.stdout
+    assert "continuing its offline record" in second.stdout
+    assert second.stdout.rstrip().endswith(f"Upload it with: {command}")
+
+    files = find_offline_runs(run / "wandb")
+    assert len(files) == 2 and all(f.parent.name.startswith("offline-run-") for f in files)
+    info = read_run_info(run / "wandb")  # raises if the files name different run ids
+    assert [s["resume"] for s in info["segments"]] == [True, True]
+    saved = json.loads((run / "checkpoints" / "step_0000010" / "train_state.json").read_text())
+    assert info["run_id"] == saved["wandb_run_id"]
+    # The metrics read back from the offline files are the run's metrics, every step once.
+    history = {int(r["_step"]): r for r in read_history(run / "wandb") if "loss" in r}
+    jsonl = losses(run)
+    assert sorted(history) == sorted(jsonl) == list(range(1, 11))
+    for step, loss in jsonl.items():
+        assert history[step]["loss"] == pytest.approx(loss, rel=1e-6)
+    # Same config as a plain offline run: the resolved config.
+    assert read_wandb_config(run / "wandb")["train"]["max_steps"] == 10
+
+    # The printed command names exactly these files (a dry run needs no network or login).
+    proc = subprocess.run(
+        [sys.executable, "-m", "wandb", "sync", "--dry-run", str(run / "wandb")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Would sync 2 run(s)" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_online_mode_without_internet_fails_fast_on_every_rank(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """2 ranks: rank 0 cannot start W&B, and both stop with the message (no rank is left
+    waiting in a collective for the other)."""
+    run = tmp_path / "run"
+    proc = torchrun(
+        2,
+        ["-m", "pretrain.train", "experiment=debug", f"data.dir={tiny_data}", f"run.dir={run}",
+         "strategy=ddp", "logging.wandb=true", "logging.wandb_mode=online", "dist.timeout_s=120"],
+        env=no_internet_env(tmp_path),
+        timeout=240,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if "error: logging.wandb_mode=online" in ln]
+    assert len(errors) == 2, proc.stderr[-3000:]  # each rank says why it stopped
+    assert "Nothing was trained" in errors[0] and "logging.wandb_mode=auto" in errors[0]
+    assert waited_s(errors[0]) < DECIDE_WITHIN_S
+    # A message, not a traceback (torchrun prints its own for the failed workers).
+    assert str(REPO / "pretrain") not in proc.stderr, proc.stderr[-3000:]
+    assert not (run / "checkpoints").exists()
+    assert not [r for r in read_metrics(run) if "loss" in r]
