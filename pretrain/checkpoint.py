@@ -300,6 +300,13 @@ def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     meta = dcp.FileSystemReader(str(path / "dcp")).read_metadata()
     if "scaler" in state and not any(k.startswith("scaler.") for k in meta.state_dict_metadata):
         state.pop("scaler")  # saved without fp16: the loss scaler starts fresh
+    # An optimizer hyperparameter newer than the checkpoint (optim.l1, say) is not in it: it keeps
+    # its configured value (the optimizer keeps configured hyperparameters on load anyway).
+    for i, group in enumerate(state.get("optim", {}).get("param_groups", [])):
+        for key in [
+            k for k in group if f"optim.param_groups.{i}.{k}" not in meta.state_dict_metadata
+        ]:
+            del group[key]
     try:
         dcp.load(state, checkpoint_id=str(path / "dcp"))
     except (CheckpointException, RuntimeError, KeyError, ValueError) as e:

@@ -67,6 +67,8 @@ class OptimConfig:
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matmul weights only (not biases, norms, positions)."""
+    l1: float = 0.0
+    """L1 penalty (0 = off): soft-threshold the weight-decayed weights by lr * l1 after each step."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -223,6 +225,13 @@ def validate(cfg: Config) -> None:
     for key, number in positive.items():
         if number <= 0:
             raise ConfigError(f"{key}={number} must be a positive number")
+    non_negative: dict[str, float] = {
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.l1": cfg.optim.l1,
+    }
+    for key, number in non_negative.items():
+        if number < 0:
+            raise ConfigError(f"{key}={number} must be 0 (off) or positive")
 
 
 def register() -> None:
