@@ -134,6 +134,10 @@ class TrainConfig:
     """Validation loss and perplexity every N steps (0 = only at the end)."""
     eval_batches: int = 10
     """Micro-batches of the val split per validation."""
+    early_stop_patience: int = 0
+    """Stop (saved, exit 0) after this many validations without a new best val loss (0 = off)."""
+    early_stop_min_delta: float = 0.0
+    """A validation is a new best only if it beats the best val loss by more than this."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cuda or cpu."""
 
@@ -228,10 +232,20 @@ def validate(cfg: Config) -> None:
     non_negative: dict[str, float] = {
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.l1": cfg.optim.l1,
+        "train.early_stop_patience": cfg.train.early_stop_patience,
+        "train.early_stop_min_delta": cfg.train.early_stop_min_delta,
     }
     for key, number in non_negative.items():
         if number < 0:
             raise ConfigError(f"{key}={number} must be 0 (off) or positive")
+    if cfg.train.early_stop_patience > 0 and (
+        cfg.train.eval_every <= 0 or cfg.train.eval_batches <= 0
+    ):
+        raise ConfigError(
+            f"train.early_stop_patience={cfg.train.early_stop_patience} needs periodic "
+            f"validation, but train.eval_every={cfg.train.eval_every} and "
+            f"train.eval_batches={cfg.train.eval_batches}: set both to positive numbers"
+        )
 
 
 def register() -> None:
