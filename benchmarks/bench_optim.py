@@ -1,13 +1,14 @@
 """Optimizer step time: torch's AdamW against ours (`pretrain.optim.AdamWL1`) with the L1 step
 off and on, over the parameters of a model preset, in the same run.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_optim [--model tiny] [--vocab 8192] [--steps 50] [--rounds 7]
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_optim [--model tiny] [--steps 50] [--rounds 7]
 
 Gradients are random (fixed seed) and set once; only `optimizer.step()` is timed, best of
 `--rounds` interleaved rounds of `--steps` steps each, so the three variants see the same
 machine state; wall time and this process's CPU time (the steadier figure on a shared
-machine; run with OMP_NUM_THREADS=1 to make it one core's work). The L1 step is an elementwise pass over the weight-decay group (a clamp and a
-subtraction per element), so its cost should be a fraction of AdamW's own elementwise work.
+machine; OMP_NUM_THREADS=1 makes it one core's work). The L1 step is an elementwise pass over
+the weight-decay group (a clamp and a subtraction per element), so its cost should be a
+fraction of AdamW's own elementwise work.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matmul weights only (not biases, norms, positions)."""
     l1: float = 0.0
-    """L1 penalty (0 = off): soft-threshold the weight-decayed weights by lr * l1 after each step."""
+    """L1 penalty (0 = off): after each step, soft-threshold the decayed weights by lr * l1."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -147,16 +147,15 @@ class LoggingConfig:
     every: int = 10
     """Log metrics every N steps."""
     wandb: bool = True
-    """Log to Weights & Biases (see wandb_mode; once started, a W&B failure never stops training)."""
+    """Log to Weights & Biases (see wandb_mode; once started, W&B never stops training)."""
     wandb_project: str = "pretrain"
     """W&B project."""
     wandb_entity: str = ""
     """W&B entity (team); empty = your default."""
     wandb_mode: str = "auto"
-    """auto (online with WANDB_API_KEY, offline if unreachable or no key), online (fail if
-    unreachable), offline, disabled."""
+    """auto (online if WANDB_API_KEY and reachable, else offline), online, offline, disabled."""
     wandb_init_timeout_s: float = 7.0
-    """Seconds W&B may take to start an online run before auto falls back to offline (online fails)."""
+    """Seconds to reach W&B at start before auto logs offline instead (and online fails)."""
     peak_flops: float = 0.0
     """Peak FLOP/s per device for MFU (0 = look up the device in the peak table)."""
     progress: bool = True
