@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Export consolidated weights of a checkpoint (any strategy) to a Hugging "
         "Face directory or one safetensors file.",
     )
-    ap.add_argument("src", help="a checkpoint directory (step_*) or a run directory")
+    ap.add_argument(
+        "src", help="a run directory, <run dir>/best, or a checkpoints/step_* directory"
+    )
     ap.add_argument("out", help="output directory (hf), or a .safetensors file (our format)")
     ap.add_argument(
         "--format",

@@ -3,8 +3,9 @@ and `train.init_from`.
 
 `load_pretrained(path)` accepts
 
-    checkpoint   a run directory (its newest complete checkpoint) or a checkpoints/step_*
-                 directory, saved under any strategy and world size
+    checkpoint   a run directory (its newest complete checkpoint), <run dir>/best or
+                 <run dir>/latest, or a checkpoints/step_* directory, saved under any
+                 strategy and world size
     hf           a Hugging Face directory (config.json) of a GPT2LMHeadModel or a
                  LlamaForCausalLM, ours (`pretrain.export --format hf`) or anyone's
 
@@ -36,7 +37,10 @@ from pretrain.model import GPT, GPTConfig
 from pretrain.tokenizer import Tokenizer
 
 Kind = Literal["checkpoint", "hf"]
-KINDS = "a run directory, a checkpoint (checkpoints/step_*) or a Hugging Face model directory"
+KINDS = (
+    "a run directory, a checkpoint (checkpoints/step_*, <run dir>/best) or a Hugging Face "
+    "model directory"
+)
 
 
 class SourceError(ConfigError):
@@ -122,6 +126,8 @@ def detect(path: str | Path) -> Kind:
 
     if hf.is_hf_dir(p):
         return "hf"
+    if p.name in checkpoint.POINTERS:  # <run dir>/best: checkpoint.resolve reads the pointer
+        return "checkpoint"
     what = "does not exist" if not p.exists() else "holds none of them"
     raise SourceError(f"{p} {what}: pass {KINDS} (a directory with config.json)")
 

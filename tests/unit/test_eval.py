@@ -125,6 +125,7 @@ def test_detect(tmp_path: Path) -> None:
         detect(tmp_path / "missing")
     with pytest.raises(SourceError, match="holds none of them"):
         detect(tmp_path)
+    assert detect(tmp_path / "best") == "checkpoint"  # <run dir>/best: a pointer to resolve
     (tmp_path / "config.json").write_text("{}")
     assert detect(tmp_path) == "hf"
     (tmp_path / "checkpoints").mkdir()
