@@ -50,12 +50,15 @@ format: install
 	$(VENV)/bin/ruff format pretrain tests benchmarks
 	$(VENV)/bin/ruff check --fix pretrain tests benchmarks
 
-# The figures in BENCHMARKS.md, each from its own command (about 12 minutes on 2 cores).
+# The figures in BENCHMARKS.md, each from its own command (about 20 minutes on 2 cores; the
+# export benchmark needs ~13 GB of scratch space under /tmp).
 bench: install
 	test -f data/demo/manifest.json || $(PY) -m pretrain.prepare output=data/demo tokenizer.vocab_size=2048
 	$(PY) -m benchmarks.bench_data --rounds 3
 	$(PY) -m benchmarks.bench_train --data data/demo --steps 40
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_strategies.py
+	$(PY) -m benchmarks.bench_hf export --model gpt2-1.5b
+	$(PY) -m benchmarks.bench_hf eval --data data/demo --model small10m
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.bench_optim --model tiny --vocab 8192 --steps 50 --rounds 7
 
 # ---- on a machine with a GPU -------------------------------------------------------------

@@ -141,6 +141,9 @@ class TrainConfig:
     """A validation is a new best only if it beats the best val loss by more than this."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cuda or cpu."""
+    init_from: str = ""
+    """Start from trained weights: a run dir, a checkpoint or a Hugging Face model dir (step 0,
+    fresh optimizer and schedule, a new W&B run); unused when a checkpoint is resumed."""
 
 
 @dataclass
@@ -230,6 +233,12 @@ def validate(cfg: Config) -> None:
     for key, number in positive.items():
         if number <= 0:
             raise ConfigError(f"{key}={number} must be a positive number")
+    if cfg.train.init_from and cfg.checkpoint.resume not in ("auto", "none"):
+        raise ConfigError(
+            f"train.init_from={cfg.train.init_from} and checkpoint.resume="
+            f"{cfg.checkpoint.resume} both name weights to start from: continue that run with "
+            "checkpoint.resume alone, or start a new one from its weights with train.init_from"
+        )
     non_negative: dict[str, float] = {
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.l1": cfg.optim.l1,

@@ -1,7 +1,13 @@
-"""`python -m pretrain.export <checkpoint or run dir> <out.safetensors> [--dtype bf16]`.
+"""`python -m pretrain.export <checkpoint or run dir> <out> [--format hf] [--dtype bf16]`.
 
 Consolidated model weights from any checkpoint (saved under any strategy and world size: the
-DCP checkpoint is keyed by parameter name and resharded on read) as one safetensors file.
+DCP checkpoint is keyed by parameter name and resharded on read), in one of two formats:
+
+    hf            a directory that stock transformers loads offline (AutoModelForCausalLM,
+                  AutoTokenizer, a generation config): GPT2LMHeadModel or LlamaForCausalLM,
+                  sharded with an index above --max-shard-size. The mapping is pretrain/hf.py.
+    safetensors   one .safetensors file with our own parameter names (an out path ending in
+                  .safetensors picks it), described below.
 
 Tied weights (GPT-2's token embedding = output projection) are stored once, under the first
 name; the file's metadata lists the aliases (`tied`: {"lm_head.weight":
@@ -21,8 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pretrain.checkpoint import CheckpointError, load_model_weights, read_config, resolve
+from pretrain.model import GPTConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = ("auto", "hf", "safetensors")
 
 
 def export_safetensors(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
@@ -53,6 +61,48 @@ def export_safetensors(src: str | Path, out: str | Path, dtype: str = "fp32") ->
     return out
 
 
+def export_hf(
+    src: str | Path, out: str | Path, dtype: str = "fp32", max_shard_size: str = "5GB"
+) -> Path:
+    """Write checkpoint (or run dir) `src` as a Hugging Face model directory `out`."""
+    from pretrain import hf
+    from pretrain.pretrained import tokenizer_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    ckpt = resolve(src)
+    cfg = GPTConfig(**read_config(ckpt)["model"])
+    hf.family(cfg)  # refuse a model no stock class fits before reading any weight
+    return hf.save_hf(
+        cfg,
+        load_model_weights(ckpt),
+        out,
+        tokenizer_file(ckpt),
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        consume=True,  # the weights are ours alone: convert them without a second copy
+    )
+
+
+def export(
+    src: str | Path, out: str | Path, fmt: str = "auto", dtype: str = "fp32", **hf_kw: str
+) -> Path:
+    """`export_hf` or `export_safetensors`; fmt=auto picks safetensors for a .safetensors out."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}: choose one of {', '.join(FORMATS)}")
+    is_file = str(out).endswith(".safetensors")
+    if fmt == "auto":
+        fmt = "safetensors" if is_file else "hf"
+    if fmt == "hf" and is_file:
+        raise ValueError(
+            f"--format hf writes a directory, but {out} names a .safetensors file: give a "
+            "directory, or drop --format hf for our own single-file format"
+        )
+    if fmt == "safetensors":
+        return export_safetensors(src, out, dtype)
+    return export_hf(src, out, dtype, **hf_kw)
+
+
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict written by `export_safetensors`, tied names restored (as aliases)."""
     tensors = load_file(str(path))
@@ -66,16 +116,31 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m pretrain.export",
-        description="Export consolidated weights of a checkpoint (any strategy) to safetensors.",
+        description="Export consolidated weights of a checkpoint (any strategy) to a Hugging "
+        "Face directory or one safetensors file.",
     )
     ap.add_argument(
         "src", help="a run directory, <run dir>/best, or a checkpoints/step_* directory"
     )
-    ap.add_argument("out", help="output .safetensors file")
+    ap.add_argument("out", help="output directory (hf), or a .safetensors file (our format)")
+    ap.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="hf: a transformers model directory; safetensors: our names in one file; "
+        "auto (default): safetensors when out ends in .safetensors, else hf",
+    )
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="hf: largest weight file; bigger models are split, with an index (default 5GB)",
+    )
     args = ap.parse_args(argv)
     try:
-        path = export_safetensors(args.src, args.out, args.dtype)
+        path = export(
+            args.src, args.out, args.format, args.dtype, max_shard_size=args.max_shard_size
+        )
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

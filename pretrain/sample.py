@@ -1,6 +1,7 @@
-"""`python -m pretrain.sample checkpoint=<run dir or checkpoint dir> prompt="..."`: print text.
+"""`python -m pretrain.sample checkpoint=<run dir | checkpoint | HF dir> prompt="..."`: print text.
 
-Loads the weights from any checkpoint (any strategy, any world size) into one process.
+Loads the weights from any checkpoint (any strategy, any world size) or Hugging Face directory
+into one process (`pretrain.pretrained.load_pretrained`).
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 
-from pretrain import checkpoint
-from pretrain.model import GPT, GPTConfig
-from pretrain.tokenizer import Tokenizer
+from pretrain.model import GPT
+from pretrain.pretrained import SourceError, TextTokenizer, load_pretrained
 
 
 @dataclass
 class SampleConfig:
     checkpoint: str = "runs/demo"
-    """A run directory (its newest checkpoint), <run dir>/best, or a checkpoints/step_* dir."""
+    """A run directory (its newest checkpoint), <run dir>/best, a checkpoints/step_* dir, or a
+    Hugging Face model directory."""
     prompt: str = ""
-    """Text to continue (empty = start from BOS/EOS)."""
+    """Text to continue (empty = start a new document: after EOS)."""
     num_samples: int = 2
     """How many continuations to print."""
     max_new_tokens: int = 200
@@ -42,24 +43,11 @@ class SampleConfig:
 ConfigStore.instance().store(name="sample", node=SampleConfig)
 
 
-def find_tokenizer(ckpt: Path) -> Path:
-    # checkpoints/step_N -> the run directory holds tokenizer.model
-    for cand in (ckpt / "tokenizer.model", ckpt.parent.parent / "tokenizer.model"):
-        if cand.is_file():
-            return cand
-    cfg = checkpoint.read_config(ckpt)
-    manifest_tok = Path(cfg["data"]["dir"]) / "tokenizer.model"
-    if manifest_tok.is_file():
-        return manifest_tok
-    raise FileNotFoundError(f"no tokenizer.model next to {ckpt} or in its data directory")
-
-
-def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    ckpt = checkpoint.resolve(path)
-    cfg = checkpoint.read_config(ckpt)
-    model = GPT(GPTConfig(**cfg["model"]))
-    model.load_state_dict(checkpoint.load_model_weights(ckpt))
-    return model.to(device).eval(), Tokenizer(find_tokenizer(ckpt))
+def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, TextTokenizer]:
+    loaded = load_pretrained(path, device)
+    if loaded.tokenizer is None:
+        raise SourceError(f"{loaded.path} has no tokenizer: sampling needs one")
+    return loaded.model, loaded.tokenizer
 
 
 def sample(cfg: SampleConfig) -> list[str]:
@@ -67,9 +55,8 @@ def sample(cfg: SampleConfig) -> list[str]:
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     model, tok = load_model(cfg.checkpoint, device)
-    start = (
-        tok.encode(cfg.prompt) if cfg.prompt else [tok.bos_id if tok.bos_id >= 0 else tok.eos_id]
-    )
+    # Every document in the training data follows an EOS: with no prompt, start there.
+    start = tok.encode(cfg.prompt) if cfg.prompt else [tok.eos_id]
     idx = torch.tensor([start] * cfg.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(

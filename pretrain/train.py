@@ -47,6 +47,7 @@ from pretrain.metrics import (
 )
 from pretrain.model import GPTConfig
 from pretrain.optim import build_optimizer, lr_at
+from pretrain.pretrained import load_for_init
 from pretrain.tokenizer import file_sha256
 
 EXIT_REQUEUE = 75
@@ -255,6 +256,13 @@ def train(cfg: Config) -> int:
         if ckpt.same_run(resume_from):
             run_id = saved["wandb_run_id"]
             stopper.load_state_dict(saved.get("early_stopping"))
+    elif cfg.train.init_from:  # weights only: step 0, a fresh optimizer and schedule, a new run
+        source, weights = load_for_init(
+            cfg.train.init_from, model_cfg, manifest, allow_pipe=cfg.data.allow_pipe
+        )
+        engine.load_model_weights(weights)
+        resolved["train"]["init_from"] = str(source.path.resolve())  # in config.yaml and W&B
+        write_config(run_dir, resolved)
     train_loader = TokenLoader(
         data_dir,
         "train",
@@ -290,6 +298,11 @@ def train(cfg: Config) -> int:
         f"{tokens_per_step} tokens (micro {cfg.train.micro_batch} x seq {cfg.train.seq_len} x "
         f"accum {accum}) | run dir {run_dir}"
         + (f" | resumed from {resume_from} (step {step})" if resume_from else "")
+        + (
+            f" | weights from {resolved['train']['init_from']}"
+            if not resume_from and cfg.train.init_from
+            else ""
+        )
     )
     if stopper.should_stop:
         metrics.print(
@@ -378,13 +391,18 @@ def setup_run_dir(run_dir: Path, resolved: dict[str, Any], data_dir: str, manife
     run_tok = run_dir / "tokenizer.model"
     expected = file_sha256(run_tok) if run_tok.is_file() else manifest.tokenizer_sha256
     dist.barrier()
+    write_config(run_dir, resolved)
+    if dist.is_main() and not run_tok.is_file() and is_local(data_dir):
+        shutil.copyfile(local_path(data_dir) / manifest.tokenizer, run_tok)
+    dist.barrier()
+    return expected
+
+
+def write_config(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """Rank 0: the resolved config as run_dir/config.yaml."""
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        if not run_tok.is_file() and is_local(data_dir):
-            shutil.copyfile(local_path(data_dir) / manifest.tokenizer, run_tok)
-    dist.barrier()
-    return expected
 
 
 EXPECTED_ERRORS = (

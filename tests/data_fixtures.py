@@ -76,6 +76,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Pa
     return run_prepare(tiny_config(tiny_corpus, out))
 
 
+@pytest.fixture(scope="session")
+def other_tokenizer_data(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Path:
+    """`tiny_corpus` prepared with another tokenizer (vocab 384): the same text, ids that mean
+    other pieces, for the checks that refuse a model and data that do not match."""
+    out = tmp_path_factory.mktemp("other_tokenizer_data") / "data"
+    return run_prepare(tiny_config(tiny_corpus, out, tokenizer=TokenizerConfig(vocab_size=384)))
+
+
 # ---- independent views of a prepared dir, for checking what a loader yields
 
 

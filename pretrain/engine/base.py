@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -282,6 +283,15 @@ class Engine(ABC):
         scaler = getattr(self, "scaler", None)
         if "scaler" in state and scaler is not None and scaler.is_enabled():
             load_scaler_state(scaler, state["scaler"])
+
+    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the model's weights from `weights`, a full (unsharded) state dict of the plain
+        model keyed by parameter name, the same tensors on every rank; the optimizer is left
+        as it is. This is `train.init_from`: a new run that starts from trained weights."""
+        full: dict[str, Any] = dict(weights)
+        set_model_state_dict(
+            self.model, full, options=StateDictOptions(full_state_dict=True, strict=True)
+        )
 
     def save_native(self, path: str) -> None:  # noqa: B027 - optional hook
         """Also save the backend's own checkpoint format (DeepSpeed writes one)."""

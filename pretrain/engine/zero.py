@@ -370,6 +370,16 @@ class ZeroEngine(Engine):
         if "scaler" in state and scaler is not None and hasattr(scaler, "cur_scale"):
             scaler.cur_scale = float(state["scaler"]["scale"].item())
 
+    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Write `weights` (full, by parameter name) into the fp32 master partitions, then
+        refresh the weights the model computes with; the optimizer state is not touched."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for p in self.params:
+            full = weights[self.param_names[id(p)]]
+            safe_set_full_fp32_param(p, full.to(self.device, torch.float32))
+        self._copy_master_to_model()
+
     def _copy_master_to_model(self) -> None:
         """The fp32 master partitions were written; refresh the weights the model computes
         with (ZeRO-1/2: all-gather the flat groups; ZeRO-3: the local parameter partitions)."""

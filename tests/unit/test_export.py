@@ -66,3 +66,26 @@ def test_cli(ckpt: tuple[Path, GPT], tmp_path: Path, capsys: pytest.CaptureFixtu
     assert (tmp_path / "m.safetensors").is_file()
     assert main([str(tmp_path / "nothing"), str(tmp_path / "x.safetensors")]) == 1
     assert "neither a complete checkpoint nor a run directory" in capsys.readouterr().err
+
+
+def test_hf_format_refusals(
+    ckpt: tuple[Path, GPT], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--format hf: a checkpoint without a tokenizer, a file target, a model no stock class
+    fits: one line each, nothing written."""
+    path, _ = ckpt
+    assert main([str(path), str(tmp_path / "hf"), "--format", "hf"]) == 1
+    err = capsys.readouterr().err
+    assert "no tokenizer.model" in err and "copy the tokenizer" in err
+    assert main([str(path), str(tmp_path / "m.safetensors"), "--format", "hf"]) == 1
+    assert "writes a directory" in capsys.readouterr().err
+    mixed = dict(CFG, pos_emb="rope", norm="layernorm")
+    model = GPT(GPTConfig(**mixed))
+    state = {"model": get_model_state_dict(model)}
+    root = tmp_path / "mixed" / "checkpoints"
+    saved = checkpoint.save(root, 1, state, {"step": 1}, {"model": mixed}, keep_last=1)
+    assert main([str(saved), str(tmp_path / "hf2")]) == 1  # a directory target means hf
+    err = capsys.readouterr().err
+    assert "fits no stock transformers class" in err and "pos_emb=rope" in err
+    assert ".safetensors" in err  # what to do instead
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf2").exists()

@@ -1,0 +1,269 @@
+"""`train.init_from`: a new run from trained weights, under every strategy family (single, and
+ddp, zero3, fsdp at 2 real ranks), from our own run and from a Hugging Face directory that
+transformers builds here; and the HF export of the zero3 and fsdp checkpoints those runs write.
+
+The check that matters: the first step's loss (logged before any update) equals the source
+model's loss on the same batch, computed here by replaying the run's data loader, with the
+source's own code (our GPT for a run, transformers' model for an HF directory)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pretrain import checkpoint
+from pretrain.data.loader import TokenLoader
+from pretrain.metrics import read_metrics
+from pretrain.model import GPT, GPTConfig
+from tests.conftest import REPO, torchrun
+from tests.distributed.test_strategies import env
+
+LLAMA = [
+    "model.norm=rmsnorm", "model.mlp=swiglu", "model.pos_emb=rope", "model.bias=false",
+    "model.n_kv_head=2", "model.tie_embeddings=false", "model.mlp_hidden=128",
+]  # fmt: skip
+# fp32 losses of the debug model (2 layers, 64 wide) over 2 x 4 x 64 tokens: the source and the
+# run compute the same sums, in other orders where a strategy gathers or shards; a few
+# roundings of 2**-24 each, so 1e-5 relative has a wide margin.
+REL = 1e-5
+
+
+def cli(data: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        "-m", "pretrain.train", "experiment=debug", f"data.dir={data}", f"run.dir={run}",
+        "train.micro_batch=4", "train.global_batch_tokens=512", "checkpoint.every=100",
+        "train.eval_batches=0", "dist.timeout_s=120", *extra,
+    ]  # fmt: skip
+
+
+def single(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A run trained 30 steps (GPT-2 mode), and a LlamaForCausalLM that transformers builds
+    from a config (random weights: nothing can be downloaded) saved with our tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pretrain.hf import hf_tokenizer
+
+    root = tmp_path_factory.mktemp("init_sources")
+    single(cli(tiny_data, root / "run", "train.max_steps=30", "train.global_batch_tokens=0"))
+    torch.manual_seed(0)
+    hc = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=2, eos_token_id=2,
+    )  # fmt: skip
+    hf_model = LlamaForCausalLM(hc)
+    with torch.no_grad():  # norm gains of 1 would hide a norm mapped to the wrong place
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf_model.save_pretrained(root / "llama-hf")
+    hf_tokenizer(tiny_data / "tokenizer.model", 128).save_pretrained(root / "llama-hf")
+    return {"run": root / "run", "hf": root / "llama-hf"}
+
+
+# (name, world size, strategy, source, extra overrides)
+RUNS = [
+    (
+        "single-from-hf",
+        0,
+        "single",
+        "hf",
+        [*LLAMA, "logging.wandb=true", "logging.wandb_mode=offline"],
+    ),
+    ("ddp-from-run", 2, "ddp", "run", []),
+    ("zero3-from-run", 2, "zero3", "run", []),
+    ("fsdp-from-hf", 2, "fsdp", "hf", LLAMA),
+]
+
+
+@pytest.fixture(scope="module")
+def started(
+    tiny_data: Path, sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("init_runs")
+    out = {}
+    for name, nproc, strategy, src, extra in RUNS:
+        args = cli(tiny_data, root / name, f"strategy={strategy}", "train.max_steps=2",
+                   f"train.init_from={sources[src]}", *extra)  # fmt: skip
+        proc = torchrun(nproc, args, env=env(), timeout=400) if nproc else single(args)
+        assert "weights from" in proc.stdout, proc.stdout[-3000:]
+        if strategy == "zero3":
+            assert "FSDP equivalent" not in proc.stdout  # DeepSpeed ran
+        out[name] = root / name
+    return out
+
+
+def first_batches(data: Path, run: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (x, y) micro-batch of step 1 of `run`, all ranks, replayed from its loader."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    ws = 2 if cfg["strategy"]["name"] != "single" else 1
+    micro, seq = cfg["train"]["micro_batch"], cfg["train"]["seq_len"]
+    accum = cfg["train"]["global_batch_tokens"] // (micro * seq * ws)
+    out = []
+    for r in range(ws):
+        loader = TokenLoader(data, "train", seq, micro, rank=r, world_size=ws,
+                             seed=cfg["data"]["seed"], num_workers=0)  # fmt: skip
+        it = iter(loader)
+        out += [next(it) for _ in range(accum)]
+    return out
+
+
+def source_loss(src: Path, batches: list) -> float:
+    """The mean of the source's per-micro-batch losses (what step 1 logs), by its own code."""
+    losses = []
+    if (src / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(src).eval()
+        for x, y in batches:
+            with torch.no_grad():
+                logits = hf(x).logits
+            losses.append(
+                float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()))
+            )
+    else:
+        model = GPT(GPTConfig(**checkpoint.read_config(src)["model"]))
+        model.load_state_dict(checkpoint.load_model_weights(src))
+        model.eval()
+        for x, y in batches:
+            with torch.no_grad():
+                losses.append(float(model(x, y)[1]))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", [r[0] for r in RUNS])
+def test_first_step_loss_is_the_sources(
+    name: str, started: dict[str, Path], sources: dict[str, Path], tiny_data: Path
+) -> None:
+    run = started[name]
+    src = sources[next(r[3] for r in RUNS if r[0] == name)]
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]  # step 0 again: a new run, not a resumed one
+    expected = source_loss(src, first_batches(tiny_data, run))
+    assert rows[0]["loss"] == pytest.approx(expected, rel=REL), (rows[0]["loss"], expected)
+    if src.name == "run":  # trained weights, not a fresh init (ln 512 = 6.24 nats)
+        assert rows[0]["loss"] < math.log(512) - 0.5
+    # A fresh optimizer and schedule: the first step's lr is the warmup's first value.
+    from pretrain.optim import lr_at
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert rows[0]["lr"] == pytest.approx(lr_at(0, 2, cfg["optim"]["lr"], _schedule(cfg)))
+    # The source is recorded as what was loaded (a run dir resolves to its checkpoint).
+    want = checkpoint.resolve(src) if src.name == "run" else src
+    assert cfg["train"]["init_from"] == str(want.resolve())
+    saved = checkpoint.read_config(run)
+    assert saved["train"]["init_from"] == str(want.resolve())
+    if (run / "wandb").is_dir():  # and in W&B's own record of the run's config
+        from tests.wandb_offline import find_offline_run, read_config
+
+        assert read_config(find_offline_run(run / "wandb"))["train"]["init_from"] == str(want)
+
+
+def test_hf_source_reads_as_our_model_with_identical_logits(
+    sources: dict[str, Path], tiny_data: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.pretrained import load_pretrained
+
+    ours = load_pretrained(sources["hf"])
+    theirs = AutoModelForCausalLM.from_pretrained(sources["hf"]).eval()
+    x, _ = next(iter(TokenLoader(tiny_data, "val", 128, 2, loop=False, num_workers=0)))
+    with torch.no_grad():
+        a, b = ours.model(x)[0][..., :512], theirs(x).logits
+    # fp32 logits, the same weights, 64..128-term dot products: ~1e-7 apart.
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def _schedule(cfg: dict) -> object:
+    from pretrain.config import ScheduleConfig
+
+    return ScheduleConfig(**cfg["schedule"])
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["zero3-from-run", "fsdp-from-hf"])
+def test_hf_export_of_two_rank_checkpoints(name: str, started: dict, tmp_path: Path) -> None:
+    """Checkpoints written by zero3 and fsdp at 2 ranks export to HF; transformers' logits on
+    val text equal ours from the same checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.data.shards import read_manifest, read_shard
+    from pretrain.export import export_hf
+
+    run = started[name]
+    ckpt = checkpoint.resolve(run)
+    assert yaml.safe_load((ckpt / "config.yaml").read_text())["strategy"]["name"] in name
+    out = export_hf(ckpt, tmp_path / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = GPT(GPTConfig(**checkpoint.read_config(ckpt)["model"]))
+    ours.load_state_dict(checkpoint.load_model_weights(ckpt))
+    ours.eval()
+    data = Path(checkpoint.read_config(ckpt)["data"]["dir"])
+    manifest = read_manifest(data)
+    docs = [d for s in manifest.shards("val") for d in read_shard(manifest, s)]
+    x = torch.tensor(np.stack([d[:128] for d in docs if len(d) >= 128][:2]).astype(np.int64))
+    with torch.no_grad():
+        a, b = ours(x)[0][..., :512], theirs(x).logits
+    # fp32 logits, same weights, <= 128-term dot products: ~1e-7 apart.
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+@pytest.mark.timeout(600)
+def test_refusals_and_resume_precedence(
+    tiny_data: Path,
+    other_tokenizer_data: Path,
+    sources: dict[str, Path],
+    started: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    def error_of(proc: subprocess.CompletedProcess) -> str:
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        return proc.stderr.strip().splitlines()[-1]
+
+    src = sources["run"]
+    err = error_of(single(cli(tiny_data, tmp_path / "a", f"train.init_from={src}",
+                              "model.n_layer=3", "model.bias=false"), check=False))  # fmt: skip
+    assert "model.n_layer=3 but the source has 2" in err
+    assert "model.bias=False but the source has True" in err
+    assert "model.n_layer=2 model.bias=true" in err  # the overrides that fix it
+    assert "mlp_hidden" not in err  # not a second problem
+    # Data of another tokenizer (and so another vocabulary size): the tokenizer is named as the
+    # cause, not model.vocab_size (the same check as pretrain.eval's CLI test, in-process here).
+    from pretrain.data.shards import read_manifest
+    from pretrain.pretrained import SourceError, load_for_init
+
+    other = read_manifest(other_tokenizer_data)
+    target = GPTConfig(**{**checkpoint.read_config(src)["model"], "vocab_size": other.vocab_size})
+    with pytest.raises(SourceError, match="trained with another tokenizer") as e:
+        load_for_init(str(src), target, other)
+    assert "tokenizer.path=" in str(e.value) and "vocab_size" not in str(e.value)
+    # Nothing was written for a refused run.
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+    # A requeued job with the same command continues its own checkpoint: init_from is for
+    # the start of a run only.
+    run = started["single-from-hf"]
+    out = single(cli(tiny_data, run, "strategy=single", "train.max_steps=3",
+                     f"train.init_from={sources['hf']}", *LLAMA))  # fmt: skip
+    assert "resumed from" in out.stdout and "weights from" not in out.stdout
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3]
