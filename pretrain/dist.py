@@ -142,7 +142,7 @@ def watch_peers() -> None:
                     _stop(me, "the rendezvous store is gone (the process that hosted it ended)")
                 return
             if failed != str(me) and not stopping.is_set():
-                _stop(me, f"rank {failed} failed (its error is above)")
+                _stop(me, f"rank {failed} failed (see its message above)")
             return
 
     thread = threading.Thread(target=watch, name="pretrain-watch-peers", daemon=True)
