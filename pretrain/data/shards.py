@@ -139,7 +139,7 @@ def _redo(manifest: Manifest) -> str:
 def _corrupt(manifest: Manifest, shard: Shard, where: str, found: str) -> ShardError:
     return ShardError(
         f"shard {shard.name} ({where}) is corrupt: its sha256 is {found}, the manifest says "
-        f"{shard.sha256}. Nothing of it was trained on. To fix it: {_redo(manifest)}."
+        f"{shard.sha256}; stopped before training on it. To fix it: {_redo(manifest)}."
     )
 
 
