@@ -13,7 +13,8 @@ export DS_BUILD_OPS := 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pretrain/torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-unit test-distributed test-integration lint format bench clean
+.PHONY: install demo test test-unit test-distributed test-integration lint format bench clean \
+	gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -55,6 +56,24 @@ bench: install
 	$(PY) -m benchmarks.bench_data --rounds 3
 	$(PY) -m benchmarks.bench_train --data data/demo --steps 40
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_strategies.py
+
+# ---- on a machine with a GPU -------------------------------------------------------------
+# `make gpu-wheels` here (it has pip), then on the GPU machine, in a copy of this checkout with
+# .whl/: `make gpu-check`: the gpu test tier and the GPT-2 124M tokens/s and MFU benchmark.
+# The GPU machine's own python (its CUDA torch) is used, not .venv.
+GPU_PY ?= python3
+WHEELS := benchmarks/gpu-wheels.txt
+
+gpu-wheels:
+	mkdir -p .whl
+	# All pure Python: wheels built here (antlr4's 4.9.3 is a source release only) install there.
+	grep -v '^#' $(WHEELS) | xargs $(PYTHON) -m pip wheel -q --no-deps -w .whl
+
+gpu-check:
+	if ls .whl/*.whl >/dev/null 2>&1; then \
+		$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --target /tmp/pretrain-site .whl/*.whl; fi
+	PYTHONPATH=/tmp/pretrain-site:$(CURDIR) $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+	PYTHONPATH=/tmp/pretrain-site:$(CURDIR) $(GPU_PY) -m benchmarks.bench_gpu --micro 16 32
 
 clean:
 	rm -rf $(VENV) runs outputs wandb .pytest_cache

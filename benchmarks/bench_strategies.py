@@ -61,8 +61,7 @@ def worker(args: argparse.Namespace) -> None:
                 *MODEL,
             ],
         )
-    engine = create_engine(cfg)  # type: ignore[arg-type]
-    engine.accum = 1
+    engine = create_engine(cfg, accum=1)  # type: ignore[arg-type]
     torch.manual_seed(0)
     model = GPT(GPTConfig(**OmegaConf.to_container(cfg.model)))  # type: ignore[arg-type]
     n_params = model.num_params()

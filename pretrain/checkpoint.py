@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain import dist
+from pretrain.failpoint import failpoint
 
 # DCP warns on every single-process save/load that it assumes a single process: it is right.
 warnings.filterwarnings("ignore", message=".*assuming the intent is to")
@@ -45,14 +45,6 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _failpoint(name: str) -> None:
-    """Crash here, for real (SIGKILL), when PRETRAIN_FAILPOINT names this point.
-
-    Lets tests kill a save at an exact moment instead of racing a timer."""
-    if os.environ.get("PRETRAIN_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def step_dir_name(step: int) -> str:
@@ -165,9 +157,15 @@ def save(
     keep_last: int,
     native_saver: Any = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    Every rank writes its part (tensors, RNG, the backend's native files), then all ranks agree
+    on whether every part was written before rank 0 publishes anything: a write that failed on
+    any rank raises CheckpointError on every rank, and that checkpoint never becomes complete
+    or `latest`."""
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
+    local_error: str | None = None
     try:
         if dist.is_main():
             root.mkdir(parents=True, exist_ok=True)
@@ -180,9 +178,16 @@ def save(
         _fsync_file(tmp / "rng" / f"rank_{dist.rank()}.pt")
         if native_saver is not None:
             native_saver(str(tmp / "deepspeed"))
-        dist.barrier()
-        _failpoint("checkpoint.after_tensors")
-        if dist.is_main():
+    except (OSError, RuntimeError, CheckpointException) as e:
+        # torch.save reports a failed write as RuntimeError, DCP as CheckpointException.
+        local_error = _describe(e)
+    reports = gather_states({"error": local_error})  # every rank's outcome, in rank order
+    failed = [rep["error"] for rep in reports if rep["error"] is not None]
+    if failed:
+        _give_up(root, tmp, final, "; ".join(dict.fromkeys(failed)))  # each cause once
+    failpoint("checkpoint.after_tensors")
+    if dist.is_main():
+        try:
             _write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
             _write_text(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False))
             _fsync_tree(tmp)
@@ -191,7 +196,7 @@ def save(
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_file(root)
-            _failpoint("checkpoint.before_latest")
+            failpoint("checkpoint.before_latest")
             _write_text(root / f".{LATEST}.tmp", final.name + "\n")
             os.replace(root / f".{LATEST}.tmp", root / LATEST)
             _fsync_file(root)
@@ -200,19 +205,116 @@ def save(
                 doomed = root / f".del-{old.name}"
                 os.replace(old, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
-    except (OSError, RuntimeError, CheckpointException) as e:
-        # torch.save reports a failed write as RuntimeError, DCP as CheckpointException.
-        previous = find_resume(root, "auto") if root.is_dir() else None
-        if dist.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"saving checkpoint {final} failed: {e}. The previous checkpoint "
-            f"({previous or 'none yet'}) is intact. Check free space, quotas and permissions "
-            "under run.dir (or point run.dir at a volume with room), then resume with "
-            "checkpoint.resume=auto."
-        ) from e
+        except OSError as e:
+            # Rank 0 alone fails here; the other ranks wait at the barrier below until the
+            # failure report stops them (pretrain.dist.watch_peers).
+            _give_up(root, tmp, final, _describe(e))
     dist.barrier()
     return final
+
+
+def _describe(e: BaseException) -> str:
+    """Which rank failed and why, in one line each (DCP reports every rank's failure at once,
+    with tracebacks: keep the cause)."""
+    if isinstance(e, CheckpointException):
+        causes = []
+        for r, (exc, _trace) in sorted(e.failures.items()):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            causes.append(f"on rank {r} ({type(exc).__name__}: {first})")
+        return "; ".join(causes)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"on rank {dist.rank()} ({type(e).__name__}: {first})"
+
+
+def _give_up(root: Path, tmp: Path, final: Path, what: str) -> None:
+    previous = find_resume(root, "auto") if root.is_dir() else None
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(
+        f"saving checkpoint {final} failed {what}. The previous checkpoint "
+        f"({previous or 'none yet'}) is intact. Check free space, quotas and permissions "
+        "under run.dir (or point run.dir at a volume with room), then resume with "
+        "checkpoint.resume=auto."
+    )
+
+
+class Checkpointer:
+    """The run's checkpoints: where they live, when one is due, what it holds, and which one a
+    restarted run continues from. The loop only reports progress and asks.
+
+    A save holds the engine's tensors in their portable form (`Engine.state_dict`), the train
+    state, every rank's data-loader position and RNG, the resolved config, and whatever the
+    engine writes in its backend's own format (`Engine.save_native`). One is due every
+    `checkpoint.every` steps, at the last step, and whenever the loop must stop early
+    (preemption, `train.stop_at_step`), never twice for the same step."""
+
+    def __init__(self, run_dir: Path, cfg: Any, config: dict[str, Any], max_steps: int) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.every, self.keep_last, self.resume = cfg.every, cfg.keep_last, cfg.resume
+        self.config, self.max_steps = config, max_steps
+        self.last_saved: int | None = None
+
+    def resume_point(self) -> Path | None:
+        """Collective. The checkpoint to continue from (`checkpoint.resume`), after rank 0 made
+        the checkpoint directory hold one timeline (`prepare_root`)."""
+        found = find_resume(self.root, self.resume)
+        if dist.is_main():
+            prepare_root(self.root, found, self.resume)
+        dist.barrier()
+        return found
+
+    def same_run(self, path: Path) -> bool:
+        """Whether `path` is one of this run directory's own checkpoints (and not a branch
+        point taken from another run)."""
+        return path.parent.resolve() == self.root.resolve()
+
+    def restore(self, path: Path, engine: Any) -> dict[str, Any]:
+        """Load the engine's state from `path` in place; returns the saved train state."""
+        state = engine.state_dict()
+        train_state = load(path, state)
+        engine.load_state_dict(state)
+        self.last_saved = int(train_state["step"])
+        return train_state
+
+    def due(self, step: int, *, stop: bool = False) -> bool:
+        if step == self.last_saved:
+            return False
+        return step % self.every == 0 or step == self.max_steps or stop
+
+    def latest(self) -> Path | None:
+        return find_resume(self.root, "auto")
+
+    def save(self, step: int, engine: Any, train_state: dict[str, Any], loader: Any) -> Path:
+        """Collective: every rank calls it. `loader`'s position is gathered from every rank, so
+        that any world size can take the epoch over."""
+        train_state = {
+            **train_state,
+            "step": step,
+            "loader": gather_states(loader.state_dict()),
+            "world_size": dist.world_size(),
+        }
+        path = save(
+            self.root,
+            step,
+            engine.state_dict(),
+            train_state,
+            self.config,
+            self.keep_last,
+            native_saver=engine.save_native,
+        )
+        self.last_saved = step
+        return path
+
+
+def gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's `state` (small, JSON-able), in rank order; a collective."""
+    if dist.world_size() == 1:
+        return [state]
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * dist.world_size()
+    tdist.all_gather_object(out, state)
+    return out
 
 
 def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:

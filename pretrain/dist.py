@@ -45,3 +45,110 @@ def barrier() -> None:
     d = _dist()
     if d is not None:
         d.barrier()
+
+
+# ---- one rank's failure stops every rank ---------------------------------------------------
+#
+# A rank that fails (an exception anywhere: bad data, a failed write, a bug in one forward)
+# writes one key into the job's rendezvous store before it exits. Every rank runs a watcher
+# thread that looks for that key every second and, once another rank has set it, ends its own
+# process at once and quietly: the failing rank's message is the one the user reads, once.
+# Without it the other ranks sit in their next collective until `dist.timeout_s` (NCCL never
+# notices a dead peer; gloo does, but then every rank prints its own "Connection closed by
+# peer" traceback on top of the real error).
+#
+# The watcher has a store connection of its own (a TCPStore client serves one request at a
+# time) and polls with `check` rather than blocking in `wait`, so it is never stuck inside the
+# store client when the process ends.
+
+FAILED_KEY = "pretrain/failed"
+EXIT_PEER_FAILED = 1
+POLL_S = 1.0
+_watch: dict[str, Any] = {"store": None, "thread": None, "stopping": None}
+
+
+def _store_address() -> tuple[str, int] | None:
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if host and port:
+        return host, int(port)
+    return None
+
+
+def report_failure(summary: str) -> bool:
+    """Tell every rank that this one failed. True if this is the job's first failure (its
+    message is the one to print), False if another rank failed first (this failure is most
+    likely a consequence of that one: stay quiet). Best effort; True without peers."""
+    store = _watch["store"]
+    _stop_thread()
+    if store is None:
+        return True
+    mine = f"{rank()}\n{summary[:2000]}".encode()
+    try:
+        # compare_set: sets the key only if it is absent (expected ""), returns what is stored.
+        return bytes(store.compare_set(FAILED_KEY, "", mine)) == mine
+    except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
+        return True
+
+
+def watch_peers() -> None:
+    """Start the watcher (after the process group exists; a no-op without peers)."""
+    if world_size() < 2 or _watch["thread"] is not None:
+        return
+    address = _store_address()
+    if address is None:
+        return
+    import threading
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    try:
+        store = TCPStore(
+            address[0], address[1], is_master=False, timeout=timedelta(seconds=30),
+            wait_for_workers=False,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - without it the collective timeout still applies
+        print(f"warning: cannot watch other ranks for failures ({e})", file=sys.stderr)
+        return
+    me = rank()
+    stopping = threading.Event()
+
+    def watch() -> None:
+        while not stopping.wait(POLL_S):
+            try:
+                if not store.check([FAILED_KEY]):
+                    continue
+                failed = bytes(store.get(FAILED_KEY)).decode(errors="replace").split("\n")[0]
+            except Exception:  # noqa: BLE001 - the host of the store ended: so did the job
+                if not stopping.is_set():
+                    _stop(me, "the rendezvous store is gone (the process that hosted it ended)")
+                return
+            if failed != str(me) and not stopping.is_set():
+                _stop(me, f"rank {failed} failed (its error is above)")
+            return
+
+    thread = threading.Thread(target=watch, name="pretrain-watch-peers", daemon=True)
+    _watch.update(store=store, thread=thread, stopping=stopping)
+    thread.start()
+
+
+def _stop(me: int, why: str) -> None:
+    if me == 0:
+        sys.stderr.write(f"rank 0: stopping: {why}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: the main thread may be blocked inside a collective that never returns.
+    os._exit(EXIT_PEER_FAILED)
+
+
+def _stop_thread() -> None:
+    thread, stopping = _watch["thread"], _watch["stopping"]
+    if thread is not None and stopping is not None:
+        stopping.set()
+        thread.join()  # at most one store check: never left inside the client at exit
+        _watch["thread"] = None
+
+
+def stop_watching() -> None:
+    """Before a clean end: peers that finish first must not look like failures."""
+    _stop_thread()

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain import checkpoint, dist
+from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config, ConfigError, check_overrides, to_dict, validate
 from pretrain.data.loader import TokenLoader
 from pretrain.data.shards import DataError, is_local, local_path, read_manifest
 from pretrain.engine import Engine, create_engine
+from pretrain.failpoint import failpoint
 from pretrain.flops import flops_per_token, peak_flops
 from pretrain.metrics import Metrics, memory_bytes, new_run_id, plot_loss_curve
-from pretrain.model import GPT, GPTConfig
+from pretrain.model import GPTConfig
 from pretrain.optim import build_optimizer, lr_at
 from pretrain.tokenizer import file_sha256
 
@@ -87,9 +90,11 @@ def check_data_dir(data_dir: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(engine: Engine, cfg: Config, data_dir: str, device: torch.device) -> float:
-    # Every rank evaluates the same val batches: sharded strategies need every rank in every
-    # forward, and the val split is small. The mean is therefore already global.
+def evaluate(engine: Engine, cfg: Config, data_dir: str) -> dict[str, float]:
+    """Validation loss and perplexity over `train.eval_batches` micro-batches of the val split.
+
+    Every rank evaluates the same val batches: sharded strategies need every rank in every
+    forward, and the val split is small. The mean is therefore already global."""
     loader = TokenLoader(
         data_dir,
         "val",
@@ -100,85 +105,144 @@ def evaluate(engine: Engine, cfg: Config, data_dir: str, device: torch.device) -
         partitions=None,  # as many as val has windows (up to 1024): the first batches span it
         allow_pipe=cfg.data.allow_pipe,
     )
-    total, n = torch.zeros((), device=device), 0
+    total, n = torch.zeros((), device=engine.device), 0
     for x, y in loader:
-        total += engine.eval_loss(x.to(device), y.to(device))
+        total += engine.eval_loss(x.to(engine.device), y.to(engine.device))
         n += 1
         if n >= cfg.train.eval_batches:
             break
-    return float(total.item() / max(n, 1))
+    val = float(total.item() / max(n, 1))
+    return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
 
-def train(cfg: Config) -> int:
-    # ---- setup: process group, device, run directory ------------------------------------
-    preempt = Preemption()  # first: a signal during a slow startup must not kill us unsaved
-    validate(cfg)  # type: ignore[arg-type]
-    engine = create_engine(cfg)
-    device = engine.device
-    run_dir = Path(cfg.run.dir)
-    ckpt_root = run_dir / "checkpoints"
-    resolved = to_dict(cfg)  # type: ignore[arg-type]
-    data_dir = check_data_dir(cfg.data.dir)
-    manifest = read_manifest(data_dir, allow_pipe=cfg.data.allow_pipe)
-    # The run keeps a copy of its tokenizer: samples need no data dir, and a resumed run
-    # pointed at shards made with another tokenizer is refused instead of training on noise.
-    run_tok = run_dir / "tokenizer.model"
-    expected_tok = file_sha256(run_tok) if run_tok.is_file() else manifest.tokenizer_sha256
-    dist.barrier()
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        if not run_tok.is_file() and is_local(data_dir):
-            shutil.copyfile(local_path(data_dir) / manifest.tokenizer, run_tok)
-    dist.barrier()
+def eval_due(cfg: Config, step: int) -> bool:
+    every = cfg.train.eval_every
+    return cfg.train.eval_batches > 0 and (
+        (every > 0 and step % every == 0) or step == cfg.train.max_steps
+    )
 
-    accum, tokens_per_step = batch_geometry(cfg, engine.world_size)
-    engine.accum = accum
 
-    # ---- build: model, optimizer --------------------------------------------------------
+class DivergenceGuard:
+    """Remembers whether a loss, or a gradient norm where the engine does not expect non-finite
+    ones (fp16's scaler skips such steps by design), was NaN/inf since the run started.
+
+    `check` is a collective, called at logging and checkpoint steps only: a per-step one would
+    stall the GPU queue. It raises before weights that saw a NaN can reach a checkpoint, so the
+    last good checkpoint survives."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.bad = torch.zeros((), dtype=torch.bool, device=engine.device)
+        self.since = 0  # steps since the last check
+
+    def observe(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.bad |= ~torch.isfinite(loss)
+        if not self.engine.skips_overflow_steps:
+            self.bad |= ~torch.isfinite(grad_norm.to(self.bad.device))
+        self.since += 1
+
+    def check(self, step: int, last_good: Path | None) -> None:
+        if self.engine.any_rank(bool(self.bad.item())):
+            raise NonFiniteLoss(
+                f"the loss became NaN/inf between step {step - self.since} and step {step}. "
+                f"Nothing was saved after it; the last good checkpoint is "
+                f"{last_good or 'none'}. Lower optim.lr, raise schedule.warmup_steps, use "
+                "precision=bf16 instead of fp16, or check the data; then resume with "
+                "checkpoint.resume=auto."
+            )
+        self.since = 0
+
+
+class Throughput:
+    """Loss and tokens/s between logging steps, with validation and saving left out."""
+
+    def __init__(self, engine: Engine, tokens_per_step: int, flops_per_token: float) -> None:
+        self.engine, self.tokens_per_step, self.fpt = engine, tokens_per_step, flops_per_token
+        device = engine.device
+        self.peak = engine.cfg.logging.peak_flops or peak_flops(
+            torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            engine.cfg.precision.dtype,
+        )
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - t
+
+    def flush(self) -> dict[str, Any]:
+        """Collective (the mean loss over ranks): the metrics since the last flush."""
+        elapsed = time.perf_counter() - self.t0
+        tps = self.steps * self.tokens_per_step / elapsed
+        out = {
+            "loss": float(self.engine.all_reduce_mean(self.loss_sum / self.steps).item()),
+            "tokens_per_s": tps,
+            "mfu": tps * self.fpt / (self.peak * self.engine.world_size) if self.peak else None,
+            "step_time_s": elapsed / self.steps,
+            "mem_gb": memory_bytes(self.engine.device) / 1e9,
+        }
+        self.loss_sum.zero_()
+        self.steps, self.t0 = 0, time.perf_counter()
+        return out
+
+
+def model_config(cfg: Config, vocab_size: int, data_dir: str) -> GPTConfig:
+    """The model's architecture: `model.*`, with the vocabulary taken from the data."""
     model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))  # type: ignore[arg-type]
     if model_cfg.vocab_size == 0:
-        model_cfg.vocab_size = manifest.vocab_size
-    elif model_cfg.vocab_size < manifest.vocab_size:
+        model_cfg.vocab_size = vocab_size
+    elif model_cfg.vocab_size < vocab_size:
         raise ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-            f"{manifest.vocab_size} in {data_dir}: leave model.vocab_size=0 to take it from the data"
+            f"{vocab_size} in {data_dir}: leave model.vocab_size=0 to take it from the data"
         )
     if cfg.train.seq_len > model_cfg.block_size:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} exceeds model.block_size={model_cfg.block_size}"
         )
-    resolved["model"]["vocab_size"] = model_cfg.vocab_size
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     try:
-        model = GPT(model_cfg)
+        return model_cfg.validate()
     except ValueError as e:  # the model's own validation: bad head counts, choices, ...
         raise ConfigError(str(e)) from e
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    if cfg.train.compile:
-        # In place: parameter names (and so checkpoints) stay those of the plain model.
-        model.compile()
-    n_params = model.num_params()  # before setup: ZeRO-3 partitions parameters in place
-    engine.setup(model, lambda m: build_optimizer(m, cfg.optim, device))
+
+
+def train(cfg: Config) -> int:
+    # ---- setup: config, data, process group, run directory -------------------------------
+    preempt = Preemption()  # first: a signal during a slow startup must not kill us unsaved
+    validate(cfg)  # type: ignore[arg-type]
+    data_dir = check_data_dir(cfg.data.dir)
+    manifest = read_manifest(data_dir, allow_pipe=cfg.data.allow_pipe)
+    # The world size comes from the launcher's environment, so the engine is created knowing
+    # its accumulation.
+    accum, tokens_per_step = batch_geometry(cfg, dist.world_size())
+    engine = create_engine(cfg, accum)
+    dist.watch_peers()  # one rank's failure stops every rank within a second
+    run_dir = Path(cfg.run.dir)
+    resolved = to_dict(cfg)  # type: ignore[arg-type]
+    model_cfg = model_config(cfg, manifest.vocab_size, data_dir)
+    resolved["model"]["vocab_size"] = model_cfg.vocab_size
+    expected_tok = setup_run_dir(run_dir, resolved, data_dir, manifest)
+
+    # ---- build: model (parallelised by the engine), optimizer ----------------------------
+    engine.build(model_cfg, lambda m: build_optimizer(m, cfg.optim, engine.device))
     torch.manual_seed(cfg.run.seed + 1 + engine.rank)  # dropout differs per rank
 
-    # ---- resume ----------------------------------------------------------------------
-    step, tokens_seen, run_id = 0, 0, new_run_id()
-    loader_states: list[dict[str, Any]] | None = None
-    resume_from = checkpoint.find_resume(ckpt_root, cfg.checkpoint.resume)
-    if dist.is_main():
-        checkpoint.prepare_root(ckpt_root, resume_from, cfg.checkpoint.resume)
-    dist.barrier()
+    # ---- resume --------------------------------------------------------------------------
+    ckpt = Checkpointer(run_dir, cfg.checkpoint, resolved, cfg.train.max_steps)
+    resume_from = ckpt.resume_point()
+    step, tokens_seen, run_id, loader_states = 0, 0, new_run_id(), None
     if resume_from is not None:
-        state = engine.state_dict()
-        ts = checkpoint.load(resume_from, state)
-        engine.load_state_dict(state)
-        step, tokens_seen = ts["step"], ts["tokens_seen"]
+        saved = ckpt.restore(resume_from, engine)
+        step, tokens_seen, loader_states = saved["step"], saved["tokens_seen"], saved["loader"]
         # The same W&B run continues only in the same run directory; a run branched from
         # another run's checkpoint gets a run of its own.
-        if resume_from.parent.resolve() == ckpt_root.resolve():
-            run_id = ts["wandb_run_id"]
-        loader_states = ts["loader"]
+        run_id = saved["wandb_run_id"] if ckpt.same_run(resume_from) else run_id
     train_loader = TokenLoader(
         data_dir,
         "train",
@@ -208,117 +272,57 @@ def train(cfg: Config) -> int:
         start_step=step,
         progress=cfg.logging.progress,
     )
-    fpt = flops_per_token(model_cfg, cfg.train.seq_len)
-    peak = cfg.logging.peak_flops or peak_flops(
-        torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        cfg.precision.dtype,
-    )
     metrics.print(
-        f"pretrain: {n_params / 1e6:.2f}M params | strategy {engine.name} x{engine.world_size} "
-        f"on {device.type} | {cfg.precision.dtype} | batch {tokens_per_step} tokens "
-        f"(micro {cfg.train.micro_batch} x seq {cfg.train.seq_len} x accum {accum}) | "
-        f"run dir {run_dir}"
+        f"pretrain: {engine.num_params / 1e6:.2f}M params | strategy {engine.name} x"
+        f"{engine.world_size} on {engine.device.type} | {cfg.precision.dtype} | batch "
+        f"{tokens_per_step} tokens (micro {cfg.train.micro_batch} x seq {cfg.train.seq_len} x "
+        f"accum {accum}) | run dir {run_dir}"
         + (f" | resumed from {resume_from} (step {step})" if resume_from else "")
     )
 
-    def save() -> Path:
-        train_state = {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "epoch": train_loader.epoch,
-            "loader": gather_loader_states(train_loader),
-            "wandb_run_id": run_id,
-            "world_size": engine.world_size,
-            "strategy": engine.name,
-        }
-        path = checkpoint.save(
-            ckpt_root,
-            step,
-            engine.state_dict(),
-            train_state,
-            resolved,
-            cfg.checkpoint.keep_last,
-            native_saver=engine.save_native if engine.name.startswith("zero") else None,
-        )
-        metrics.print(f"saved checkpoint {path}")
-        return path
-
-    # ---- loop ---------------------------------------------------------------------------
+    # ---- loop ----------------------------------------------------------------------------
     batches = iter(train_loader)
     if resume_from is not None:
-        checkpoint.restore_rng(resume_from, engine.world_size)
-    loss_sum = torch.zeros((), device=device)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    last_saved = step
-    t_last, steps_since = time.perf_counter(), 0
+        checkpoint.restore_rng(resume_from, engine.world_size)  # last: see restore_rng
+    guard = DivergenceGuard(engine)
+    meter = Throughput(engine, tokens_per_step, flops_per_token(model_cfg, cfg.train.seq_len))
     exit_code = 0
     while step < cfg.train.max_steps:
-        step_loss = torch.zeros((), device=device)
+        step_loss = torch.zeros((), device=engine.device)
         for micro in range(accum):
             x, y = next(batches)  # [micro_batch, seq_len] each
-            loss = engine.micro_step(
-                x.to(device, non_blocking=True), y.to(device, non_blocking=True), micro == accum - 1
-            )
-            step_loss += loss / accum
+            x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
+            failpoint("train.micro_step")
+            step_loss += engine.micro_step(x, y, last=micro == accum - 1) / accum
         lr = lr_at(step, cfg.train.max_steps, cfg.optim.lr, cfg.schedule)
         grad_norm = engine.optimizer_step(lr, cfg.optim.grad_clip)
         step += 1
         tokens_seen += tokens_per_step
-        steps_since += 1
-        loss_sum += step_loss
-        nonfinite |= ~torch.isfinite(step_loss)
-        if cfg.precision.dtype != "fp16":  # fp16's scaler skips overflowing steps by design
-            nonfinite |= ~torch.isfinite(grad_norm)
+        guard.observe(step_loss, grad_norm)
+        meter.add(step_loss)
+
         log_now = step % cfg.logging.every == 0 or step == cfg.train.max_steps
-        # Ranks agree on a signal at logging steps only: the loss all-reduce syncs there anyway,
-        # and a per-step collective would stall the GPU queue every step.
+        # Ranks agree on a signal at logging steps only (they synchronise there anyway).
         preempted = log_now and engine.any_rank(preempt.signum is not None)
         stopping = 0 < cfg.train.stop_at_step <= step
-        ckpt_now = (
-            step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps or preempted or stopping
-        )
-        # A NaN must never reach a checkpoint: the last good one has to survive it.
-        if (log_now or ckpt_now) and engine.any_rank(bool(nonfinite.item())):
-            raise NonFiniteLoss(
-                f"the loss became NaN/inf between step {step - steps_since} and step {step}. "
-                f"Nothing was saved after it; the last good checkpoint is "
-                f"{checkpoint.find_resume(ckpt_root, 'auto') or 'none'}. Lower optim.lr, "
-                "raise schedule.warmup_steps, use precision=bf16 instead of fp16, or check "
-                "the data; then resume with checkpoint.resume=auto."
-            )
+        save_now = ckpt.due(step, stop=preempted or stopping)
+        if log_now or save_now:
+            guard.check(step, ckpt.latest())
         if log_now:
-            elapsed = time.perf_counter() - t_last
-            tps = steps_since * tokens_per_step / elapsed
-            mean_loss = float(engine.all_reduce_mean(loss_sum / steps_since).item())
-            metrics.log(
-                step,
-                {
-                    "loss": mean_loss,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm.item()),
-                    "tokens_per_s": tps,
-                    "mfu": (tps * fpt / (peak * engine.world_size)) if peak else None,
-                    "step_time_s": elapsed / steps_since,
-                    "mem_gb": memory_bytes(device) / 1e9,
-                    "tokens_seen": tokens_seen,
-                },
-            )
-            loss_sum.zero_()
-            t_last, steps_since = time.perf_counter(), 0
+            values = meter.flush()
+            metrics.log(step, {"loss": values.pop("loss"), "lr": lr,
+                               "grad_norm": float(grad_norm.item()), **values,
+                               "tokens_seen": tokens_seen})  # fmt: skip
         metrics.advance(step)
-        t_other = time.perf_counter()
-        eval_now = cfg.train.eval_batches > 0 and (
-            (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0)
-            or step == cfg.train.max_steps
-        )
-        if eval_now:
-            val = evaluate(engine, cfg, data_dir, device)
-            metrics.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-        if ckpt_now and step != last_saved:
-            save()
-            last_saved = step
-        # Validation and saving are not training throughput: leave their time out of tokens/s.
-        t_last += time.perf_counter() - t_other
+        with meter.paused():
+            if eval_due(cfg, step):
+                metrics.log(step, evaluate(engine, cfg, data_dir))
+            if save_now:
+                train_state = {"tokens_seen": tokens_seen, "epoch": train_loader.epoch,
+                               "wandb_run_id": run_id, "strategy": engine.name}  # fmt: skip
+                metrics.print(
+                    f"saved checkpoint {ckpt.save(step, engine, train_state, train_loader)}"
+                )
         if preempted:
             metrics.print(f"preempted (signal {preempt.signum}) at step {step}: saved, exiting")
             # At max_steps the run is done: nothing left to requeue for.
@@ -328,7 +332,8 @@ def train(cfg: Config) -> int:
             metrics.print(f"train.stop_at_step={step} reached: saved, exiting")
             break
 
-    # ---- teardown -----------------------------------------------------------------------
+    # ---- teardown ------------------------------------------------------------------------
+    dist.stop_watching()  # ranks that finish first must not look like failures to the rest
     metrics.close()
     if dist.is_main() and step == cfg.train.max_steps:
         try:
@@ -339,24 +344,46 @@ def train(cfg: Config) -> int:
     return exit_code
 
 
-def gather_loader_states(loader: TokenLoader) -> list[dict[str, Any]]:
-    """Every rank's loader position, so any world size can take over the epoch."""
-    state = loader.state_dict()
-    if dist.world_size() == 1:
-        return [state]
-    out: list[Any] = [None] * dist.world_size()
-    torch.distributed.all_gather_object(out, state)
-    return out
+def setup_run_dir(run_dir: Path, resolved: dict[str, Any], data_dir: str, manifest: Any) -> str:
+    """Rank 0 writes the resolved config and keeps a copy of the tokenizer in the run
+    directory; returns the tokenizer hash the data must have (a collective).
+
+    With its own tokenizer a run needs no data dir to sample, and a resumed run pointed at
+    shards made with another tokenizer is refused instead of training on noise."""
+    run_tok = run_dir / "tokenizer.model"
+    expected = file_sha256(run_tok) if run_tok.is_file() else manifest.tokenizer_sha256
+    dist.barrier()
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        if not run_tok.is_file() and is_local(data_dir):
+            shutil.copyfile(local_path(data_dir) / manifest.tokenizer, run_tok)
+    dist.barrier()
+    return expected
+
+
+EXPECTED_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteLoss)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def _main(cfg: DictConfig) -> None:
     try:
         code = train(cfg)  # type: ignore[arg-type]
-    except (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteLoss) as e:
-        # Expected failures get their message, not a traceback.
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 1
+    except BaseException as e:
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        # Every rank learns of the failure at once (dist.watch_peers); only the job's first
+        # failure is reported: later ones on other ranks are its consequences.
+        first = dist.report_failure(f"{type(e).__name__}: {e}")
+        if not isinstance(e, EXPECTED_ERRORS):
+            if first:
+                raise  # a bug: Hydra prints the traceback
+            code = 1
+        else:
+            # Expected failures get their message, not a traceback.
+            if first:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            code = 1
     finally:
         if dist.initialized():
             with contextlib.suppress(Exception):  # best effort on the way out

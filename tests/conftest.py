@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,13 +27,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
             if not torch.cuda.is_available():
                 item.add_marker(pytest.mark.skip(reason="needs CUDA: no GPU on this machine"))
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a rendezvous on 127.0.0.1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_env(**extra: str) -> dict[str, str]:
@@ -62,15 +54,16 @@ def torchrun(
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run `args` (a module: ["-m", "pkg.mod", ...] or a script path) under torchrun with
-    `nproc` real processes on this host over gloo. Returns the finished process."""
+    `nproc` real processes on this host over gloo. Returns the finished process.
+
+    `--standalone`: the rendezvous store binds port 0, so the system picks a free port at the
+    moment it is taken (a port found free earlier may be someone else's by then)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        "--nnodes=1",
-        f"--master_port={free_port()}",
-        "--master_addr=127.0.0.1",
+        "--standalone",
         *args,
     ]
     proc = subprocess.run(

@@ -1,8 +1,9 @@
 """Parallelism lives here, and only here: the model and loop know nothing of it.
 
-`create_engine(cfg)` picks the strategy named by `strategy.name`, sets up the process group
-(through Accelerate) and returns an `Engine` whose `setup(model, make_optimizer)` wraps the
-plain model for that strategy:
+`create_engine(cfg, accum)` picks the strategy named by `strategy.name`, sets up the process
+group (through Accelerate) and returns an `Engine` whose `build(model_cfg, make_optimizer)`
+creates the plain model and applies everything parallelism needs to it, in one order
+(`Engine.build`); `setup(model, make_optimizer)` is its last stage, the wrapping itself:
 
     single, ddp                  replicated model, all-reduced gradients      (ddp.py)
     zero1, zero2, zero3,         DeepSpeed ZeRO via Accelerate's plugin       (zero.py)
@@ -39,10 +40,10 @@ class StrategyUnavailable(ConfigError):
     """The requested strategy cannot run here and no fallback is allowed."""
 
 
-def _fsdp_engine(cfg: Config, mode: str, name: str) -> Engine:
+def _fsdp_engine(cfg: Config, accum: int, mode: str, name: str) -> Engine:
     from pretrain.engine.fsdp import MODES, FSDPEngine
 
-    engine = FSDPEngine(cfg, make_accelerator(cfg), **MODES[mode])
+    engine = FSDPEngine(cfg, make_accelerator(cfg), accum, **MODES[mode])
     engine.name = name
     return engine
 
@@ -60,15 +61,15 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def _zero_engine(cfg: Config) -> Engine:
+def _zero_engine(cfg: Config, accum: int) -> Engine:
     name = cfg.strategy.name
     if cfg.strategy.fallback not in ("fsdp", "error"):
         raise ConfigError(f"strategy.fallback={cfg.strategy.fallback!r}: use fsdp or error")
     from pretrain.engine.zero import deepspeed_config, unavailable_reason
 
     # Built (and the user's JSON read) before anything else: a bad config is an error, not a
-    # reason to fall back. The accumulation is filled in by setup().
-    ds = deepspeed_config(cfg, dist.world_size(), accum=1)
+    # reason to fall back.
+    ds = deepspeed_config(cfg, dist.world_size(), accum=accum)
     reason = unavailable_reason(cfg, pick_device(cfg))
     if reason is None:
         try:
@@ -77,7 +78,7 @@ def _zero_engine(cfg: Config) -> Engine:
             from pretrain.engine.zero import ZeroEngine
 
             plugin = DeepSpeedPlugin(hf_ds_config=ds)
-            return ZeroEngine(cfg, make_accelerator(cfg, deepspeed_plugin=plugin))
+            return ZeroEngine(cfg, make_accelerator(cfg, deepspeed_plugin=plugin), accum)
         except Exception as e:  # noqa: BLE001 - any failure to start DeepSpeed
             reason = f"DeepSpeed failed to initialise ({type(e).__name__}: {e})"
             reset_accelerate_state()
@@ -92,24 +93,25 @@ def _zero_engine(cfg: Config) -> Engine:
         f"strategy={name}: {reason}; running its FSDP equivalent instead ({what}). "
         "Set strategy.fallback=error to refuse instead."
     )
-    return _fsdp_engine(cfg, mode, mode)
+    return _fsdp_engine(cfg, accum, mode, mode)
 
 
-def create_engine(cfg: Config) -> Engine:
+def create_engine(cfg: Config, accum: int = 1) -> Engine:
+    """The engine for `strategy.name`, for optimizer steps of `accum` micro-batches each."""
     name = cfg.strategy.name
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy={name!r}: choose one of {', '.join(STRATEGIES)}")
     if name in ("single", "ddp"):
         from pretrain.engine.ddp import DDPEngine
 
-        engine: Engine = DDPEngine(cfg, make_accelerator(cfg))
+        engine: Engine = DDPEngine(cfg, make_accelerator(cfg), accum)
         engine.name = name
         return engine
     # Sharded strategies need a process group, of one rank in a lone process.
     lone_process_group_env()
     if name in ("fsdp", "fsdp_grad_op", "hsdp"):
-        return _fsdp_engine(cfg, name, name)
-    return _zero_engine(cfg)
+        return _fsdp_engine(cfg, accum, name, name)
+    return _zero_engine(cfg, accum)
 
 
 __all__ = ["STRATEGIES", "Engine", "StrategyUnavailable", "create_engine", "reset_accelerate_state"]

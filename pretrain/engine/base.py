@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from pretrain import dist as pdist
 from pretrain.config import Config
+from pretrain.model import GPT, GPTConfig
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -173,13 +174,14 @@ class Engine(ABC):
     optimizer: torch.optim.Optimizer  # the torch optimizer (not a wrapper)
     scaler: Any  # torch GradScaler/ShardedGradScaler (enabled for fp16 only); unused by ZeRO
 
-    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
+    def __init__(self, cfg: Config, accelerator: Accelerator, accum: int = 1) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
         self.device = accelerator.device
         self.dtype = DTYPES[cfg.precision.dtype]
-        self.accum = 1  # set by the loop once the batch geometry is known
+        self.accum = accum  # micro-batches per optimizer step
         self.name = cfg.strategy.name
+        self.num_params = 0  # of the plain model (a tied matrix once); set by build()
 
     # -- process facts ----------------------------------------------------------------------
     @property
@@ -210,7 +212,26 @@ class Engine(ABC):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    @property
+    def skips_overflow_steps(self) -> bool:
+        """True when a non-finite gradient norm is expected now and then: fp16's loss scaler
+        skips such a step and lowers the scale, by design. Elsewhere it means divergence."""
+        return self.dtype == torch.float16
+
     # -- the strategy ----------------------------------------------------------------------
+    def build(self, model_cfg: GPTConfig, make_optimizer: OptimizerFactory) -> None:
+        """Create the model and apply parallelism to it, in this order: create (from
+        `run.seed`: the same initial weights under every strategy and world size),
+        activation checkpointing, compile, then wrap or shard with the optimizer (`setup`)."""
+        torch.manual_seed(self.cfg.run.seed)
+        model = GPT(model_cfg)
+        self.num_params = model.num_params()
+        model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        if self.cfg.train.compile:
+            # In place: parameter names (and so checkpoints) stay those of the plain model.
+            model.compile()
+        self.setup(model, make_optimizer)
+
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Wrap `model` for the strategy, then build its optimizer (after sharding)."""

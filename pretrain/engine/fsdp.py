@@ -84,12 +84,13 @@ class FSDPEngine(Engine):
         self,
         cfg: Any,
         accelerator: Any,
+        accum: int = 1,
         *,
         reshard_after_forward: bool = True,
         hybrid: bool = False,
         offload: bool = False,
     ) -> None:
-        super().__init__(cfg, accelerator)
+        super().__init__(cfg, accelerator, accum)
         self.reshard_after_forward = reshard_after_forward
         self.hybrid = hybrid
         self.offload = offload

@@ -177,11 +177,7 @@ class ZeroEngine(Engine):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.raw_model = model
         self.stage = STAGES[self.name]
-        plugin = self.accelerator.state.deepspeed_plugin
-        ds = plugin.deepspeed_config
-        # The accumulation is known only now (the loop sets self.accum after create_engine).
-        ds["gradient_accumulation_steps"] = self.accum
-        ds["train_batch_size"] = self.cfg.train.micro_batch * self.accum * self.world_size
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
         user = (
             read_user_config(self.cfg.strategy.deepspeed_config)
             if self.cfg.strategy.deepspeed_config

@@ -141,10 +141,9 @@ def run_case(case: str) -> dict[str, Any]:
         "dist.timeout_s=120",
     ]
     cfg = compose(config_name="config", overrides=overrides)
-    engine = create_engine(cfg)  # type: ignore[arg-type]
-    assert engine.name == strategy, f"asked for {strategy}, the engine runs {engine.name}"
     accum = 2 if strategy == "zero1" else 1
-    engine.accum = accum
+    engine = create_engine(cfg, accum=accum)  # type: ignore[arg-type]
+    assert engine.name == strategy, f"asked for {strategy}, the engine runs {engine.name}"
     torch.manual_seed(1234)
     device = engine.device
     engine.setup(GPT(GPTConfig(**MODEL)), lambda m: build_optimizer(m, cfg.optim, device))

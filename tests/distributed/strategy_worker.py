@@ -93,8 +93,7 @@ def run_one(args: argparse.Namespace, spec: str, load: str) -> dict[str, Any]:
     strategy, overrides, options = parse_spec(spec, args)
     steps, save_at = options["steps"], options["save_at"]
     cfg = compose(config_name="config", overrides=overrides)
-    engine = create_engine(cfg)  # type: ignore[arg-type]
-    engine.accum = args.accum
+    engine = create_engine(cfg, accum=args.accum)  # type: ignore[arg-type]
     torch.manual_seed(cfg.run.seed)
     model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))  # type: ignore[arg-type]
     t0 = time.perf_counter()

@@ -195,13 +195,38 @@ def test_lone_process_group_env(lone_process: Any) -> None:
     assert os.environ["RANK"] == "7"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only fact")
-def test_deepspeed_fp16_on_cpu_is_a_fallback_reason() -> None:
+@pytest.mark.parametrize("fp16", [True, False])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_deepspeed_precision_support_decides_the_fallback(
+    fp16: bool, bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether DeepSpeed supports fp16/bf16 is a fact of the host (on CPU: whether oneDNN has
+    fp16 kernels for this ISA), so both answers are forced here: a precision DeepSpeed lacks
+    is a reason to fall back, naming it; a supported one is none."""
+    import deepspeed.accelerator
+
     from pretrain.engine.zero import unavailable_reason
 
-    assert unavailable_reason(make_cfg("strategy=zero2"), "cpu") is None
-    reason = unavailable_reason(make_cfg("strategy=zero2", "precision=fp16"), "cpu")
-    assert reason is not None and "fp16" in reason
+    real = deepspeed.accelerator.get_accelerator()
+
+    class Forced:
+        def is_fp16_supported(self) -> bool:
+            return fp16
+
+        def is_bf16_supported(self) -> bool:
+            return bf16
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Forced())
+    assert unavailable_reason(make_cfg("strategy=zero2"), "cpu") is None  # fp32 always runs
+    for dtype, supported in (("fp16", fp16), ("bf16", bf16)):
+        reason = unavailable_reason(make_cfg("strategy=zero2", f"precision={dtype}"), "cpu")
+        if supported:
+            assert reason is None, reason
+        else:
+            assert reason is not None and f"does not support {dtype}" in reason
 
 
 # ---- mesh, blocks, accounting -----------------------------------------------------------------
@@ -241,8 +266,7 @@ def data(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def single_engine(accum: int, *overrides: str) -> Any:
     cfg = make_cfg("strategy=single", *overrides)
-    engine = create_engine(cfg)
-    engine.accum = accum
+    engine = create_engine(cfg, accum=accum)
     torch.manual_seed(0)
     device = engine.device
     engine.setup(GPT(GPTConfig(**cfg.model)), lambda m: build_optimizer(m, cfg.optim, device))

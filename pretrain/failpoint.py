@@ -1,0 +1,27 @@
+"""Named points where a test makes this process fail for real, at an exact moment.
+
+`PRETRAIN_FAILPOINT=<name>` (optionally `<name>:raise`) in a process's environment makes the
+point of that name SIGKILL the process (a crash: nothing runs after it) or, with `:raise`,
+raise `FailpointError` (an ordinary exception in the middle of the work). Tests set it for one
+process only, so "one rank dies here" needs no race against a timer. Unset, a point costs one
+string comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_SPEC = os.environ.get("PRETRAIN_FAILPOINT", "")
+
+
+class FailpointError(RuntimeError):
+    """The exception a `<name>:raise` failpoint raises."""
+
+
+def failpoint(name: str) -> None:
+    if not _SPEC or _SPEC.split(":", 1)[0] != name:
+        return
+    if _SPEC.endswith(":raise"):
+        raise FailpointError(f"failpoint {name} (PRETRAIN_FAILPOINT={_SPEC})")
+    os.kill(os.getpid(), signal.SIGKILL)
