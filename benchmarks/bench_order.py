@@ -74,7 +74,7 @@ def grouped_corpus(root: Path, per_source: int = 200) -> Path:
         Path(f)
         for f in stdlib_files()
         if not {"test", "tests", "encodings", "idlelib"} & set(Path(f).relative_to(lib).parts)
-        and 4_000 <= os.path.getsize(f) <= 40_000
+        and 2_000 <= os.path.getsize(f) <= 60_000
     )
     code, rest = files[::2], files[1::2]
     step = max(1, len(code) // per_source)
@@ -91,7 +91,7 @@ def grouped_corpus(root: Path, per_source: int = 200) -> Path:
         ]
         docs = [d for x in nodes if (d := ast.get_docstring(x))]  # type: ignore[arg-type]
         text = "\n\n".join(docs)
-        if len(text) >= 1_500 and n < per_source:
+        if len(text) >= 1_000 and n < per_source:
             _write(root / "b-prose" / f"{n:04d}.txt", text + "\n")
             n += 1
     from pydoc_data.topics import topics  # the reference manual, as `help()` shows it

@@ -85,6 +85,7 @@ from pretrain.data.sources import (
     SUPPORTED,
     PrepareError,
     Skips,
+    Unit,
     make_units,
     resolve_inputs,
     roots,
@@ -321,7 +322,7 @@ def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool, say: A
 
 
 def _train_tokenizer(
-    cfg: PrepareConfig, units: list[Any], out: Path, n_files: int, say: Any
+    cfg: PrepareConfig, units: list[Unit], out: Path, n_files: int, say: Any
 ) -> bytes:
     tc = cfg.tokenizer
     say(f"training a {tc.vocab_size}-piece BPE tokenizer on <= {tc.sample_bytes:,} bytes")

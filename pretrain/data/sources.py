@@ -18,6 +18,7 @@ What a document is
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -198,8 +199,6 @@ def iter_unit_docs(unit: Unit) -> Iterator[tuple[Document | None, str | None, st
             doc, reason = _decode(f.read())
         yield doc, reason, unit.path
         return
-    import gzip
-
     opener = gzip.open if unit.kind == "jsonl.gz" else open
     with opener(unit.path, "rb") as f:
         if unit.start > 0:
