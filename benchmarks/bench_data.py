@@ -135,6 +135,8 @@ def bench_loader(data: Path, seq_len: int, batch: int, rounds: int) -> dict[str,
             for tokens, _ in read_shard(m, shard):
                 f.write(tokens.tobytes())
     variants = [(w, h) for w in (0, 2) for h in (True, False)]
+    for _ in TokenLoader(data, "train", seq_len, batch, loop=False):
+        pass  # warm-up: the page cache and the imports, for whichever variant comes first
     res: dict[str, float] = {"memmap": 0.0} | {
         f"loader{w}{'' if h else '-nohash'}": 0.0 for w, h in variants
     }
@@ -162,11 +164,18 @@ def bench_loader(data: Path, seq_len: int, batch: int, rounds: int) -> dict[str,
     return res
 
 
-def bench_memory(data: Path, seq_len: int, batch: int) -> list[dict[str, float]]:
-    """One in-process pass per geometry; the reader's measured peak against the bound."""
+def bench_memory(data: Path, small: Path, seq_len: int, batch: int) -> list[dict[str, float]]:
+    """The reader's measured peak against the bound, one in-process pass of rank 0 per world
+    size, on a copy of the data with small shards (so that the bound, not the number of
+    shards, limits what a reader holds)."""
+    m = read_manifest(data)
+    cfg = PrepareConfig(input=m.raw["inputs"]["roots"], output=str(small), shard_tokens=1 << 15,
+                        tokenizer=TokenizerConfig(path=str(data / m.tokenizer)), num_proc=2)  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_prepare(cfg)
     rows = []
-    for world in (1, 8):
-        loader = TokenLoader(data, "train", seq_len, batch, world_size=world, loop=False)
+    for world in (1, 8, 64, 256):
+        loader = TokenLoader(small, "train", seq_len, batch, world_size=world, loop=False)
         for _ in loader:
             pass
         reader = loader._reader
@@ -193,21 +202,34 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats; best is reported")
+    ap.add_argument("--loader-only", action="store_true", help="prepare once, measure the loader")
     a = ap.parse_args()
     torch.set_num_threads(1)
     files = resolve_inputs("stdlib")[0]
     files = files[: a.files] if a.files else files
     with tempfile.TemporaryDirectory() as tmp:
         load0 = os.getloadavg()[0]
-        p, data = bench_prepare(Path(tmp), files, a.vocab, a.rounds)
+        if a.loader_only:
+            data = Path(tmp) / "data"
+            cfg = PrepareConfig(input=files, output=str(data), tokenizer=TokenizerConfig(vocab_size=a.vocab), num_proc=2)  # fmt: skip
+            with contextlib.redirect_stdout(io.StringIO()):
+                run_prepare(cfg)
+        else:
+            p, data = bench_prepare(Path(tmp), files, a.vocab, a.rounds)
         ld = bench_loader(data, a.seq_len, a.batch, a.rounds)
-        mem = bench_memory(data, a.seq_len, a.batch)
-    eff, eff_cpu = p["p2"] / 2 / p["raw"], p["p2_cpu"] / p["raw_cpu"]
+        mem = bench_memory(data, Path(tmp) / "small-shards", a.seq_len, a.batch)
     print(
         f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load0:.1f} at "
-        f"start; best of {a.rounds} rounds; {len(files)} stdlib files, {p['tokens']:,} tokens, "
-        f"vocab {a.vocab} (tokenizer trained in {p['train_s']:.1f}s)\n"
+        f"start; best of {a.rounds} rounds; {len(files)} stdlib files, vocab {a.vocab}\n"
     )
+    if not a.loader_only:
+        print_prepare(p)
+    print_loader(a, ld, mem)
+
+
+def print_prepare(p: dict[str, float]) -> None:
+    eff, eff_cpu = p["p2"] / 2 / p["raw"], p["p2_cpu"] / p["raw_cpu"]
+    print(f"{p['tokens']:,} tokens (tokenizer trained in {p['train_s']:.1f}s)\n")
     print("| prepare | tokens/s (wall) | vs baseline | tokens per CPU-second | vs baseline |")
     print("|---|---:|---:|---:|---:|")
     rows = [("sentencepiece encode, 1 thread (baseline)", p["raw"], p["raw_cpu"])]
@@ -221,6 +243,9 @@ def main() -> None:
         f"{eff:.0%} wall-clock ({p['p2'] / p['raw2']:.0%} of what 2 bare encode processes reach "
         f"on this machine in the same run); {eff_cpu:.0%} in CPU time\n"
     )
+
+
+def print_loader(a: argparse.Namespace, ld: dict[str, float], mem: list[dict[str, float]]) -> None:
     print("| loader | tokens/s | vs baseline |")
     print("|---|---:|---:|")
     for name, key in [
@@ -247,7 +272,11 @@ def main() -> None:
             f"{r['peak_shards']} | {r['peak_bytes']:,} | {r['bound']:,} | "
             f"{r['peak_bytes'] / r['bound']:.2f} |"
         )
-    print(f"\nlargest shard: {mem[0]['max_shard_bytes']:,} bytes on disk")
+    print(
+        f"\nshards of <= 32,768 tokens (largest {mem[0]['max_shard_bytes']:,} bytes on disk); "
+        f"bound = min(shards, 2 x partitions / ranks + 1) x (largest shard's tokens x 2 bytes + "
+        f"8 bytes per window)"
+    )
 
 
 if __name__ == "__main__":

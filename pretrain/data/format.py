@@ -78,6 +78,47 @@ def document_members(
     return members
 
 
+def tar_members(data: bytes) -> list[tuple[str, memoryview]]:
+    """The (name, data) of every regular file in a USTAR tar, in order, without copying.
+
+    The shards' own reader: a shard's bytes are checked against the manifest's sha256 before
+    they are parsed, so this needs none of tarfile's generality (it is ~50x faster). Raises
+    ValueError on bytes that are not such a tar."""
+    view, out, off = memoryview(data), [], 0
+    while off + 512 <= len(data):
+        header = data[off : off + 512]
+        if header.count(0) == 512:  # the end-of-archive blocks
+            return out
+        if header[257:262] != b"ustar":
+            raise ValueError(f"no USTAR header at byte {off}")
+        name = header[:100].split(b"\0", 1)[0].decode()
+        prefix = header[345:500].split(b"\0", 1)[0].decode()
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        start = off + 512
+        if start + size > len(data):
+            raise ValueError(f"member {name!r} runs past the end of the tar")
+        if header[156:157] in (b"0", b"\0"):  # a regular file
+            out.append((f"{prefix}/{name}" if prefix else name, view[start : start + size]))
+        off = start + (size + 511) // 512 * 512
+    raise ValueError("the tar has no end-of-archive blocks")
+
+
+def shard_documents(
+    data: bytes, ext: str, dtype: np.dtype
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """The documents of a shard's bytes in stored order: (tokens [n], loss mask [n] or None).
+    Raises ValueError when the bytes are not a shard of this format."""
+    samples: list[dict[str, Any]] = []
+    for name, member in tar_members(data):
+        key, _, suffix = name.partition(".")
+        if not samples or samples[-1]["__key__"] != key:
+            samples.append({"__key__": key})
+        if suffix in samples[-1]:
+            raise ValueError(f"{name}: a second .{suffix} member of sample {key!r}")
+        samples[-1][suffix] = member
+    return [document_arrays(sample, ext, dtype) for sample in samples]
+
+
 def document_arrays(
     sample: dict[str, Any], ext: str, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray | None]:

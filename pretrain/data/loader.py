@@ -206,16 +206,18 @@ class _Reader:
         rows = np.empty((len(q), window), spec.manifest.np_dtype)
         masks = np.empty((len(q), window), np.uint8) if spec.manifest.loss_mask else None
         key = e * spec.n + shard
-        for k in np.unique(key).tolist():
-            sel = np.flatnonzero(key == k)
+        by_key = np.argsort(key, kind="stable")  # the windows grouped by (epoch, shard)
+        starts = np.flatnonzero(np.diff(key[by_key])) + 1
+        for sel in np.split(by_key, starts):
+            k = int(key[sel[0]])
             held = self._get(k // spec.n, k % spec.n)
             idx = held.order[m[sel]]  # rows of the shard's [N, L + 1] view
             rows[sel] = held.rows[idx]
             if masks is not None:
                 masks[sel] = held.masks[idx]  # type: ignore[index]
         nxt = int(i[-1]) + 1
-        for k2 in [k2 for k2, h in self.held.items() if h.last < nxt]:
-            del self.held[k2]
+        for gone in [k2 for k2, h in self.held.items() if h.last < nxt]:
+            del self.held[gone]
         return rows, masks
 
     def _get(self, e: int, s: int) -> _Held:
@@ -251,17 +253,21 @@ class _Reader:
 
 
 def _worker_windows(
-    reader: _Reader, worker: int, workers: int, start: int, stop: int | None, chunk: int
+    reader: _Reader, worker: int, workers: int, start: int, stop: int | None, first: int
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """(worker, rows [k, L + 1], masks or None) chunks of worker `worker`'s local windows
-    q >= start with q mod workers == worker (and q < stop), k <= chunk each."""
+    q >= start with q mod workers == worker (and q < stop). Chunks start at `first` windows
+    (a first batch comes fast) and double up to one window per slot of the reader: within a
+    chunk no slot moves on to another shard, which keeps the memory bound."""
     q = start + (worker - start) % workers
+    chunk, most = max(1, min(first, len(reader.slots))), max(1, len(reader.slots))
     while stop is None or q < stop:
         end = q + chunk * workers if stop is None else min(q + chunk * workers, stop)
         qs = np.arange(q, end, workers, dtype=np.int64)
         rows, masks = reader.windows(qs)
         yield worker, rows, masks
         q += len(qs) * workers
+        chunk = min(2 * chunk, most)
 
 
 @dataclass
@@ -530,16 +536,19 @@ class TokenLoader:
             q = start
             while stop is None or q + B <= stop:
                 # Local windows q .. q + B - 1; window q + j comes from worker (q + j) mod W.
-                batch = np.empty((B, L + 1), self._manifest.np_dtype)
-                mask = np.empty((B, L + 1), np.uint8) if self._manifest.loss_mask else None
-                for w in range(W):
-                    first = (w - q) % W
-                    k = len(range(first, B, W))
-                    if k:
-                        rows, masks = take(w, k)
-                        batch[first::W] = rows
-                        if mask is not None and masks is not None:
-                            mask[first::W] = masks
+                if W == 1:
+                    batch, mask = take(0, B)
+                else:
+                    batch = np.empty((B, L + 1), self._manifest.np_dtype)
+                    mask = np.empty((B, L + 1), np.uint8) if self._manifest.loss_mask else None
+                    for w in range(W):
+                        first = (w - q) % W
+                        k = len(range(first, B, W))
+                        if k:
+                            rows, masks = take(w, k)
+                            batch[first::W] = rows
+                            if mask is not None and masks is not None:
+                                mask[first::W] = masks
                 # One int64 copy each for x and y, contiguous: [B, L].
                 x = torch.from_numpy(batch[:, :-1].astype(np.int64))
                 y_np = batch[:, 1:].astype(np.int64)

@@ -21,7 +21,6 @@ the manifest's sizes (cheap), and all of them against their sha256 when asked
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,8 +28,6 @@ from urllib.request import url2pathname
 
 import numpy as np
 import webdataset as wds
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pretrain.data.format import (
     MANIFEST,
@@ -38,7 +35,7 @@ from pretrain.data.format import (
     Manifest,
     Shard,
     ShardError,
-    document_arrays,
+    shard_documents,
 )
 
 __all__ = ["DataError", "Manifest", "Shard", "ShardError", "read_manifest", "read_shard"]
@@ -192,15 +189,8 @@ def read_shard(
         found = hashlib.sha256(data).hexdigest()
         if found != shard.sha256:
             raise _corrupt(manifest, shard, url, found)
-    dtype, ext = manifest.np_dtype, manifest.token_ext
-    docs: list[Document] = []
     try:
-        # webdataset's own tar reader, with errors re-raised (its default would skip them).
-        files = tar_file_expander(
-            [{"url": url, "stream": io.BytesIO(data)}], handler=reraise_exception
-        )
-        for sample in group_by_keys(files, handler=reraise_exception):
-            docs.append(document_arrays(sample, ext, dtype))
+        docs = shard_documents(data, manifest.token_ext, manifest.np_dtype)
     except Exception as exc:
         raise ShardError(
             f"shard {shard.name} from {url} is corrupt ({type(exc).__name__}: {exc}); "

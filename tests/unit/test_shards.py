@@ -380,3 +380,21 @@ def test_http_and_pipe_urls_give_the_same_batches(tiny_data: Path):
     assert all(np.array_equal(a, b) for a, b in zip(local, piped, strict=True))
     with pytest.raises(DataError, match=r"must contain \{path\}"):
         TokenLoader(f"pipe:cat {tiny_data}/manifest.json", "train", L, B, allow_pipe=True)
+
+
+def test_the_shard_reader_reads_what_tarfile_reads(tiny_data: Path, sft_data: Path) -> None:
+    import tarfile
+
+    from pretrain.data.format import tar_members
+
+    for data in (tiny_data, sft_data):
+        for split in ("train", "val"):
+            for s in read_manifest(data).shards(split):
+                raw = (data / s.name).read_bytes()
+                with tarfile.open(data / s.name) as tar:
+                    expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+                assert [(n, bytes(d)) for n, d in tar_members(raw)] == expected
+    raw = (tiny_data / read_manifest(tiny_data).shards("train")[0].name).read_bytes()
+    for bad in (raw[:700], b"\x13" * 1024, raw[:257] + b"XXXXX" + raw[262:]):
+        with pytest.raises(ValueError):
+            tar_members(bad)
