@@ -84,7 +84,8 @@ def tar_members(data: bytes) -> list[tuple[str, memoryview]]:
     The shards' own reader: a shard's bytes are checked against the manifest's sha256 before
     they are parsed, so this needs none of tarfile's generality (it is ~50x faster). Raises
     ValueError on bytes that are not such a tar."""
-    view, out, off = memoryview(data), [], 0
+    view, off = memoryview(data), 0
+    out: list[tuple[str, memoryview]] = []
     while off + 512 <= len(data):
         header = data[off : off + 512]
         if header.count(0) == 512:  # the end-of-archive blocks
