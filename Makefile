@@ -50,11 +50,12 @@ format: install
 	$(VENV)/bin/ruff format pretrain tests benchmarks
 	$(VENV)/bin/ruff check --fix pretrain tests benchmarks
 
-# The figures in BENCHMARKS.md, each from its own command (about 20 minutes on 2 cores; the
+# The figures in BENCHMARKS.md, each from its own command (about an hour on 2 quiet cores; the
 # export benchmark needs ~13 GB of scratch space under /tmp).
 bench: install
 	test -f data/demo/manifest.json || $(PY) -m pretrain.prepare output=data/demo tokenizer.vocab_size=2048
 	$(PY) -m benchmarks.bench_data --rounds 3
+	$(PY) -m benchmarks.bench_order --steps 400
 	$(PY) -m benchmarks.bench_train --data data/demo --steps 40
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_strategies.py
 	$(PY) -m benchmarks.bench_hf export --model gpt2-1.5b

@@ -54,11 +54,13 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = read in the training process)."""
     seed: int = 1234
-    """Seed of the shard and document order; it changes with each epoch."""
+    """Seed of the data order (shards, documents, windows, partitions); new each epoch."""
+    partitions: int = 1024
+    """Fixed partitions of the data order: the same batches at any ranks x num_workers dividing it."""
     allow_pipe: bool = False
     """Allow `pipe:` shard URLs (they run shell commands)."""
     verify_sha256: bool = False
-    """Check every shard's sha256 against the manifest before training (slow on big data)."""
+    """Check every shard's sha256 before the first step (every shard read is checked anyway)."""
 
 
 @dataclass

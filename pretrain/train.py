@@ -113,6 +113,7 @@ def evaluate(engine: Engine, cfg: Config, data_dir: str) -> dict[str, float]:
         cfg.train.micro_batch,
         seed=cfg.data.seed,
         loop=False,
+        partitions=None,  # as many as val has windows (up to 1024): the first batches span it
         allow_pipe=cfg.data.allow_pipe,
     )
     total, n = torch.zeros((), device=engine.device), 0
@@ -272,6 +273,7 @@ def train(cfg: Config) -> int:
         world_size=engine.world_size,
         num_workers=cfg.data.num_workers,
         seed=cfg.data.seed,
+        partitions=cfg.data.partitions,
         allow_pipe=cfg.data.allow_pipe,
         verify_sha256=cfg.data.verify_sha256,
         expected_tokenizer_sha256=expected_tok,

@@ -1,68 +1,63 @@
-"""TokenLoader: streams packed (x, y) batches from prepared shards, resumable and elastic.
+"""TokenLoader: packed (x, y) batches of a prepared split: one global order, any world size.
 
-The order: a pure function of (seed, epoch, manifest, seq_len)
-    The train (or val) split has n shards. Epoch e visits them in the order
-    `shard_order(seed, e, n)`; all three orders below change every epoch. Concatenating an
-    epoch's shard orders gives an endless sequence of *units*: unit u is shard
-    `shard_order(seed, u // n, n)[u % n]` of epoch u // n. Inside unit u (shard s, epoch e) the
-    documents are concatenated in the order `doc_order(seed, e, s, docs)` into the unit's
-    *stream*, which is cut into N = tokens // (seq_len + 1) windows (see Packing); the unit's
-    windows are read in the order `window_order(seed, e, s, N)`, a permutation: the k-th window
-    read is stream[p[k] × (seq_len + 1) : (p[k] + 1) × (seq_len + 1)] with p that permutation.
-    So a batch mixes windows from all over a shard (many documents), not one stretch of text;
-    it draws from one shard (two where it spans units), so larger shards mix more.
-    Nothing here depends on the world size, the number of workers or the batch size.
+The global stream: a pure function of (seed, manifest split, seq_len L, partitions P)
+    Windows. Epoch e visits the split's n shards in the order `shard_order(seed, e, n)`. Shard
+    s's stream in epoch e is its documents in `doc_order(seed, e, s, docs)`, concatenated, cut
+    into N_s = tokens_s // (L + 1) non-overlapping windows w of L + 1 tokens (x = w[:-1],
+    y = w[1:]); its last tokens_s mod (L + 1) tokens are in no window. The epoch's *layout*
+    lists all windows shard by shard in shard order, each shard's in `window_order(seed, e, s,
+    N_s)`: N = sum of N_s windows (the same every epoch).
+    Partitions. The layout is cut into P ranges of T = N // P consecutive windows; the last
+    N mod P (< P) windows of the layout are in none and skipped this epoch. Slot p < P reads
+    range `range_order(seed, e, P)[p]` in layout order.
+    The stream interleaves the slots window by window: global window i belongs to epoch
+    e = i // (P·T) and is slot (i mod P)'s window number (i mod P·T) // P. Epochs follow on.
+    So consecutive windows come from different, randomly placed ranges of the epoch, and a
+    batch mixes windows from all over the split (whose documents `prepare` shuffled over its
+    shards) instead of one shard's text.
 
-The split: ranks × workers take whole units, round-robin
-    There are S = world_size × max(1, num_workers) *slots*; slot g = rank × W + worker. Slot g
-    takes units g, g + S, g + 2S, ... So S must not exceed n (an error says so), every shard is
-    read by exactly one process per epoch, and the rank/worker split is only a view on the order.
+The split: ranks and workers are a view on the stream
+    Rank r of R reads global windows r, r + R, r + 2R, ...: its local window q is global window
+    q·R + r, and its batches are consecutive runs of batch_size local windows. So optimizer step
+    k with gradient accumulation A reads local windows [k·B·A, (k + 1)·B·A) on every rank, i.e.
+    global windows [k·G, (k + 1)·G) with G = B·A·R: the same windows for any world size, micro
+    batch and accumulation with the same global batch G (their order inside the step differs;
+    the loss is a mean over the step). R must divide P; with W DataLoader workers R·W must
+    divide P. Then local window q is read by worker q mod W, and the reader (r, w) only ever
+    reads the P / (R·W) slots p with p mod (R·W) = w·R + r.
 
-Packing: per unit, no overlap
-    A unit's stream (documents, each already ending in EOS) is cut into non-overlapping windows
-    of seq_len + 1 tokens, x = w[:-1], y = w[1:]: every token is in exactly one window. The
-    last `tokens mod (seq_len + 1)` tokens of each unit's stream (< seq_len + 1) are in no
-    window and dropped, so at most n × seq_len tokens per epoch. A worker fills a batch of
-    batch_size windows from its units in the order above (a batch may span units, and, with
-    loop=True, epochs), gathering the rows from the unit's [N, seq_len + 1] view of the stream
-    (one copy per batch). loop=False ends the pass at the end of the epoch it started in and
-    drops each slot's final partial batch: at most S × (batch_size − 1) × (seq_len + 1) more
-    tokens. That is the whole loss: dropped ≤ n × seq_len + S × (batch_size − 1) × (seq_len + 1)
-    tokens per epoch (tested).
+Memory: a reader loads a shard when one of its slots first needs it in an epoch, and drops it
+    after the last use by its slots. A slot reads one shard at a time, and at most one more can
+    wait for it (the one straddling the end of its range, which the slot of the next range has
+    already loaded). So a reader holds at most
+        min(n, 2 × ⌈P / (R·W)⌉ + 1) shards × (max_s tokens_s × (itemsize + m) + 8 × max_s N_s)
+    bytes, with itemsize 2 (uint16 ids) or 4, m = 1 when the data has loss masks (else 0), and
+    8 bytes per window for its read order; plus one shard's tar bytes while it loads, and
+    prefetched batches. `memory_bound_bytes()` evaluates it. A smaller P lowers it (for a new
+    run: P is part of the order).
 
-State: what has been consumed, tracked in the main process
-    Each slot's state is {"cur": [u, offset] | None, "queue": [[u, offset], ...], "next": u,
-    "stride": S}: the unit being read, explicit units still to do, then units next,
-    next + stride, ... An offset counts what of its unit is consumed: k windows read (the first
-    k of the unit's window order) is offset k × (seq_len + 1), in tokens. Every batch carries
-    its slot's state right after it, and the main process keeps the state of the last batch it
-    *yielded*, so DataLoader prefetching never counts. state_dict() is that, per slot, plus
-    which worker yields next. load_state_dict(all ranks' states):
-      * same world size, workers, seq_len and batch_size: each rank takes its own slots back and
-        the worker round-robin continues where it was: the batches are exactly those the
-        uninterrupted run gives (exact resume).
-      * otherwise, same seq_len (elastic): every unit not yet fully consumed by any old slot,
-        with its offset, is listed in unit order and dealt round-robin to the new slots; units
-        after that follow the usual round-robin. A unit's window order does not depend on who
-        reads it, so the new reader goes on at window k of the same order: no token is read
-        twice or skipped (beyond the packing tails).
-      * another seq_len: the windows of a partly read unit are scattered over its stream, so its
-        rest is not a set of windows of the new size. Such units count as done and the rest of
-        them is dropped; everything else is dealt as above. That loses at most (the number of
-        partly read units in the states) × (unit size) tokens: one unit per old slot, plus any
-        partly read units an earlier elastic resume had queued and not reached yet (tested).
-        Nothing is read twice.
+Packing and what is dropped: per epoch, each shard's tail (< L + 1 tokens) and N mod P < P
+    windows; loop=False also drops each rank's final partial batch (< B windows). Every other
+    window of the epoch is read exactly once, by exactly one rank (tested).
 
-Ranks yield about, not exactly, the same number of batches per epoch (units differ in size); with
-loop=True each rank just goes on into its next epoch (`epoch` is the oldest epoch a rank still
-has work in).
+Fine-tuning data: when the manifest has loss masks, y = -1 where the target token is not a
+    response token (prompt tokens), which the model's loss ignores.
+
+State: one number. A rank's position is the count q of local windows it has yielded (prefetched
+    batches never count); the run's global position g = q·R is the same on every rank at a step
+    boundary. `load_state_dict(all ranks' states)` sets q = g / R' for the new world size R'
+    (any workers, micro batch and accumulation), so a resumed run, elastic or not, continues
+    the uninterrupted run's global stream exactly. With another seq_len the windows are others:
+    the new run starts at the beginning of the next epoch (nothing read twice; the rest of the
+    current epoch is skipped). Another P is refused (it is another order).
 """
 
 from __future__ import annotations
 
 import atexit
-import copy
+import pickle
 import signal
+import traceback
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -74,9 +69,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pretrain.config import DataConfig
+from pretrain.data.format import DataError, Manifest
 from pretrain.data.shards import (
-    DataError,
-    Manifest,
     check_local_shards,
     check_tokenizer,
     is_local,
@@ -84,12 +79,14 @@ from pretrain.data.shards import (
     read_shard,
 )
 
-# /2: windows are read in `window_order` inside each unit (/1 read them in stream order).
-STATE_FORMAT = "pretrain.TokenLoader/2"
+# /3: one global stream over P partitions (/2 read whole shards per rank x worker slot).
+STATE_FORMAT = "pretrain.TokenLoader/3"
+# data.partitions' default: up to 1024 readers (128 GPUs x 8 workers, 256 x 4, ...).
+DEFAULT_PARTITIONS = DataConfig.partitions
 
 
 def shard_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order in which epoch `epoch` visits the n shards of a split."""
+    """The order in which epoch `epoch` lays out the n shards of a split."""
     return np.random.default_rng([seed, epoch, 0]).permutation(n)
 
 
@@ -99,165 +96,187 @@ def doc_order(seed: int, epoch: int, shard: int, ndocs: int) -> np.ndarray:
 
 
 def window_order(seed: int, epoch: int, shard: int, nwindows: int) -> np.ndarray:
-    """The order in which epoch `epoch` reads the nwindows windows of shard `shard`'s stream."""
+    """The order in which epoch `epoch` lays out the nwindows windows of shard `shard`'s stream."""
     return np.random.default_rng([seed, epoch, 2, shard]).permutation(nwindows)
+
+
+def range_order(seed: int, epoch: int, partitions: int) -> np.ndarray:
+    """range_order(...)[p]: the range of the epoch's layout that slot p reads."""
+    return np.random.default_rng([seed, epoch, 3]).permutation(partitions)
 
 
 @dataclass
 class _Spec:
-    """Everything a worker needs to turn units into batches (picklable)."""
+    """The global stream of one split (picklable: DataLoader workers get a copy)."""
 
     manifest: Manifest
     split: str
     seed: int
     seq_len: int
-    batch_size: int
+    partitions: int
     allow_pipe: bool
-    verify_sha256: bool
+    hash_reads: bool = True  # False only to measure what the sha256 check costs
 
     def __post_init__(self) -> None:
         self.shards = self.manifest.shards(self.split)
         self.n = len(self.shards)
-        self._orders: dict[int, np.ndarray] = {}
-        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.nwin = np.array([s.tokens // (self.seq_len + 1) for s in self.shards], np.int64)
+        self.T = int(self.nwin.sum()) // self.partitions  # windows per slot per epoch
+        self.per_epoch = self.T * self.partitions
+        self._plans: dict[int, tuple[np.ndarray, ...]] = {}
 
-    def shard_of(self, u: int) -> int:
-        e = u // self.n
-        if e not in self._orders:
-            if len(self._orders) > 4:
-                self._orders.clear()
-            self._orders[e] = shard_order(self.seed, e, self.n)
-        return int(self._orders[e][u % self.n])
+    def plan(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Epoch e's layout: (shard order, each position's first and end layout index, the
+        position of each shard, the slots' ranges)."""
+        if e not in self._plans:
+            if len(self._plans) > 3:
+                self._plans.clear()
+            perm = shard_order(self.seed, e, self.n)
+            ends = np.cumsum(self.nwin[perm])
+            self._plans[e] = (
+                perm,
+                ends - self.nwin[perm],
+                ends,
+                np.argsort(perm),
+                range_order(self.seed, e, self.partitions),
+            )
+        return self._plans[e]  # type: ignore[return-value]
 
-    def unit_tokens(self, u: int) -> int:
-        return self.shards[self.shard_of(u)].tokens
+    def locate(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global windows i [k] -> (epoch [k], shard [k], index in the shard's window order [k])."""
+        P, T = self.partitions, self.T
+        e, j = np.divmod(i, P * T)
+        p, t = j % P, j // P
+        shard, m = np.empty_like(i), np.empty_like(i)
+        for ep in np.unique(e).tolist():
+            sel = e == ep
+            perm, starts, ends, _, ranges = self.plan(ep)
+            pos = ranges[p[sel]] * T + t[sel]  # index in the epoch's layout
+            k = np.searchsorted(ends, pos, side="right")  # the shard position holding it
+            shard[sel], m[sel] = perm[k], pos - starts[k]
+        return e, shard, m
 
-    def windows(self, u: int) -> tuple[np.ndarray, np.ndarray]:
-        """Unit u's windows [N, L + 1] (a view of its stream: its shard's documents in this
-        epoch's order, concatenated, the tail cut off) and the order to read them in, [N]."""
-        if self._cached is not None and self._cached[0] == u:
-            return self._cached[1], self._cached[2]
-        s, e, window = self.shard_of(u), u // self.n, self.seq_len + 1
+    def last_use(self, e: int, shard: int, slots: np.ndarray) -> int:
+        """The last global window of epoch e in which one of `slots` reads `shard` (-1: none)."""
+        P, T = self.partitions, self.T
+        _, starts, ends, pos_of, ranges = self.plan(e)
+        a, b = starts[pos_of[shard]], ends[pos_of[shard]]
+        r0 = ranges[slots] * T
+        lo, hi = np.maximum(a, r0), np.minimum(b, r0 + T)
+        used = lo < hi
+        if not used.any():
+            return -1
+        return int((e * P * T + (hi - 1 - r0) * P + slots)[used].max())
+
+
+@dataclass
+class _Held:
+    """A loaded shard of one epoch: its windows [N, L + 1] (a view of its stream), their loss
+    masks or None, the order they are laid out in [N], and the last global window using it."""
+
+    rows: np.ndarray
+    masks: np.ndarray | None
+    order: np.ndarray
+    last: int
+
+    @property
+    def nbytes(self) -> int:
+        return (
+            self.rows.nbytes + self.order.nbytes + (0 if self.masks is None else self.masks.nbytes)
+        )
+
+
+class _Reader:
+    """Reads the windows of one (rank, worker): loads shards as its slots reach them, drops
+    them after their last use (see Memory in the module docstring)."""
+
+    def __init__(self, spec: _Spec, rank: int, world: int, worker: int, workers: int) -> None:
+        self.spec, self.rank, self.world = spec, rank, world
+        p = np.arange(spec.partitions)
+        self.slots = p[p % (world * workers) == worker * world + rank]
+        self.held: dict[tuple[int, int], _Held] = {}
+        self.peak_bytes = self.peak_shards = 0
+
+    def windows(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Local windows q [k] (all of this reader's, increasing) -> ([k, L + 1] token ids,
+        [k, L + 1] loss masks or None)."""
+        spec, window = self.spec, self.spec.seq_len + 1
+        i = q * self.world + self.rank
+        e, shard, m = spec.locate(i)
+        rows = np.empty((len(q), window), spec.manifest.np_dtype)
+        masks = np.empty((len(q), window), np.uint8) if spec.manifest.loss_mask else None
+        key = e * spec.n + shard
+        by_key = np.argsort(key, kind="stable")  # the windows grouped by (epoch, shard)
+        starts = np.flatnonzero(np.diff(key[by_key])) + 1
+        for sel in np.split(by_key, starts):
+            k = int(key[sel[0]])
+            held = self._get(k // spec.n, k % spec.n)
+            idx = held.order[m[sel]]  # rows of the shard's [N, L + 1] view
+            rows[sel] = held.rows[idx]
+            if masks is not None:
+                masks[sel] = held.masks[idx]  # type: ignore[index]
+        nxt = int(i[-1]) + 1
+        for gone in [k2 for k2, h in self.held.items() if h.last < nxt]:
+            del self.held[gone]
+        return rows, masks
+
+    def _get(self, e: int, s: int) -> _Held:
+        if (e, s) in self.held:
+            return self.held[(e, s)]
+        spec, window = self.spec, self.spec.seq_len + 1
         docs = read_shard(
-            self.manifest,
-            self.shards[s],
-            allow_pipe=self.allow_pipe,
-            verify_sha256=self.verify_sha256,
+            spec.manifest, spec.shards[s], allow_pipe=spec.allow_pipe, check_sha256=spec.hash_reads
         )
-        order = doc_order(self.seed, e, s, len(docs))
-        flat = (
-            np.concatenate([docs[i] for i in order])
-            if docs
-            else np.zeros(0, self.manifest.np_dtype)
-        )
+        order = doc_order(spec.seed, e, s, len(docs))
+        dtype = spec.manifest.np_dtype
+        flat = np.concatenate([docs[i][0] for i in order]) if docs else np.zeros(0, dtype)
         nwin = len(flat) // window
-        rows = flat[: nwin * window].reshape(nwin, window)
-        self._cached = (u, rows, window_order(self.seed, e, s, nwin))
-        return self._cached[1], self._cached[2]
+        assert nwin == spec.nwin[s], "read_shard checked the token count"
+        masks = None
+        if spec.manifest.loss_mask:
+            parts = [docs[i][1] for i in order]
+            mflat = np.concatenate(
+                [np.ones(len(docs[i][0]), np.uint8) if mk is None else mk for i, mk in zip(order, parts)]
+            ) if docs else np.zeros(0, np.uint8)  # fmt: skip
+            masks = mflat[: nwin * window].reshape(nwin, window)
+        held = _Held(
+            flat[: nwin * window].reshape(nwin, window),
+            masks,
+            window_order(spec.seed, e, s, nwin),
+            spec.last_use(e, s, self.slots),
+        )
+        self.held[(e, s)] = held
+        size = sum(h.nbytes for h in self.held.values())
+        self.peak_bytes = max(self.peak_bytes, size)
+        self.peak_shards = max(self.peak_shards, len(self.held))
+        return held
 
 
-class _Cursor:
-    """A slot's position: the current unit and offset, the explicit queue, then the tail."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.cur: list[int] | None = list(state["cur"]) if state["cur"] is not None else None
-        self.queue = deque(list(q) for q in state["queue"])
-        self.next, self.stride = int(state["next"]), int(state["stride"])
-
-    def advance(self) -> None:
-        if self.queue:
-            self.cur = self.queue.popleft()
-        else:
-            self.cur = [self.next, 0]
-            self.next += self.stride
-
-    def pending(self) -> Iterator[tuple[int, int]]:
-        """Units still to read, with their start offsets, in order (endless)."""
-        if self.cur is not None:
-            yield self.cur[0], self.cur[1]
-        yield from ((q[0], q[1]) for q in self.queue)
-        u = self.next
-        while True:
-            yield u, 0
-            u += self.stride
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "cur": list(self.cur) if self.cur is not None else None,
-            "queue": [list(q) for q in self.queue],
-            "next": self.next,
-            "stride": self.stride,
-        }
+def _worker_windows(
+    reader: _Reader, worker: int, workers: int, start: int, stop: int | None, first: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """(worker, rows [k, L + 1], masks or None) chunks of worker `worker`'s local windows
+    q >= start with q mod workers == worker (and q < stop). Chunks start at `first` windows
+    (a first batch comes fast) and double up to one window per slot of the reader: within a
+    chunk no slot moves on to another shard, which keeps the memory bound."""
+    q = start + (worker - start) % workers
+    chunk, most = max(1, min(first, len(reader.slots))), max(1, len(reader.slots))
+    while stop is None or q < stop:
+        end = q + chunk * workers if stop is None else min(q + chunk * workers, stop)
+        qs = np.arange(q, end, workers, dtype=np.int64)
+        rows, masks = reader.windows(qs)
+        yield worker, rows, masks
+        q += len(qs) * workers
+        chunk = min(2 * chunk, most)
 
 
-def _first_pending_epoch(spec: _Spec, state: dict[str, Any]) -> int:
-    """Epoch of the first unit this slot still has a whole window in."""
-    window = spec.seq_len + 1
-    for k, (u, off) in enumerate(_Cursor(state).pending()):
-        if spec.unit_tokens(u) - off >= window or k > 4 * spec.n + 4:
-            return u // spec.n
-    raise AssertionError("unreachable")
+@dataclass
+class _WorkerFailure:
+    """An exception raised in a DataLoader worker, passed to the main process as an item."""
 
-
-def _gather(parts: list[tuple[np.ndarray, np.ndarray]], rows: int) -> np.ndarray:
-    """One batch [rows, L + 1] from (unit windows [N, L + 1], row indices [k]) parts: one copy."""
-    if len(parts) == 1:
-        windows, idx = parts[0]
-        return windows[idx]
-    out = np.empty((rows, parts[0][0].shape[1]), parts[0][0].dtype)
-    i = 0
-    for windows, idx in parts:
-        np.take(windows, idx, axis=0, out=out[i : i + len(idx)])
-        i += len(idx)
-    return out
-
-
-def _slot_batches(
-    spec: _Spec, w: int, state: dict[str, Any], stop_epoch: int | None
-) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-    """Batches of one slot: (windows [B, L + 1], {"w": w, "state": the slot's state after it})."""
-    window, batch_size = spec.seq_len + 1, spec.batch_size
-    cursor = _Cursor(state)
-    if cursor.cur is None:
-        cursor.advance()
-    # The batch being filled: (a unit's windows [N, L + 1], which of its rows [k]) per unit.
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    have = 0
-    idle = 0  # consecutive units without a whole window (shards smaller than seq_len + 1)
-    while True:
-        assert cursor.cur is not None
-        u, off = cursor.cur
-        if stop_epoch is not None and u // spec.n > stop_epoch:
-            return  # one pass done; the partial batch in `parts` is dropped
-        if (spec.unit_tokens(u) - off) // window <= 0:  # nothing left here (or nothing at all)
-            idle += 1
-            if idle > 2 * spec.n + 2:
-                raise DataError(
-                    f"no shard of split {spec.split!r} in {spec.manifest.source} has seq_len + 1 = "
-                    f"{window} tokens: use a smaller seq_len or re-run prepare with a larger "
-                    f"shard_tokens."
-                )
-        else:
-            idle = 0
-            windows, order = spec.windows(u)  # [N, L + 1] view of the stream, [N] permutation
-            pos = off // window  # windows of this unit already consumed: order[:pos]
-            while pos < len(order):
-                take = min(batch_size - have, len(order) - pos)
-                parts.append((windows, order[pos : pos + take]))
-                have += take
-                pos += take
-                cursor.cur = [u, pos * window]
-                if have == batch_size:
-                    # [B, L + 1] in the shards' dtype (uint16: 4x less to pass between
-                    # processes than int64; pickled through a pipe, cheaper than one shared
-                    # memory segment per tensor for batches this size).
-                    yield _gather(parts, batch_size), {"w": w, "state": cursor.state()}
-                    parts, have = [], 0
-        cursor.advance()
-
-
-def _keep(item: Any) -> Any:
-    return item
+    worker: int
+    error: BaseException
+    trace: str
 
 
 # DataLoader iterators whose workers are running (see _stop_workers_at_exit).
@@ -286,64 +305,57 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class _RankDataset(IterableDataset):
-    """One rank's slots as a torch IterableDataset: DataLoader worker j runs slot (j + rot) % W,
-    so the DataLoader's round-robin over workers starts at the slot that yields next."""
+    """One rank's DataLoader workers: worker w yields the chunks of local windows q ≡ w (mod W).
+    An exception is yielded as a _WorkerFailure (then the worker stops), so that the main
+    process raises it as itself, not wrapped in torch's worker traceback."""
 
     def __init__(
-        self, spec: _Spec, slots: list[dict[str, Any]], rot: int, stop_epoch: int | None
+        self,
+        spec: _Spec,
+        rank: int,
+        world: int,
+        workers: int,
+        start: int,
+        stop: int | None,
+        chunk: int,
     ) -> None:
-        self.spec, self.slots, self.rot, self.stop_epoch = spec, slots, rot, stop_epoch
+        self.args = (spec, rank, world, workers, start, stop, chunk)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[Any]:
+        spec, rank, world, workers, start, stop, chunk = self.args
         info = get_worker_info()
-        j = info.id if info is not None else 0
-        w = (j + self.rot) % len(self.slots)
-        return _slot_batches(self.spec, w, self.slots[w], self.stop_epoch)
+        w = info.id if info is not None else 0
+        try:
+            reader = _Reader(spec, rank, world, w, workers)
+            yield from _worker_windows(reader, w, workers, start, stop, chunk)
+        except Exception as exc:  # noqa: BLE001 - passed on to the main process, see above
+            try:
+                pickle.dumps(exc)
+            except Exception:  # noqa: BLE001 - an exception that cannot travel: its text can
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            yield _WorkerFailure(w, exc, traceback.format_exc())
 
 
-def plan_elastic(
-    old_slots: list[dict[str, Any]],
-    unit_tokens: Any,
-    new_slots: int,
-    *,
-    drop_partial: bool = False,
-) -> list[dict[str, Any]]:
-    """Deal what the old slots have not consumed to `new_slots` new slots (see module doc).
+def _keep(item: Any) -> Any:
+    return item
 
-    `unit_tokens(u)` gives unit u's token count. Units at or after the largest old `next` are
-    untouched by everyone and continue round-robin; the rest that still hold tokens are listed
-    explicitly, in unit order, with their offsets. drop_partial=True (another seq_len): units
-    with a nonzero offset count as done and are not dealt."""
-    cut = max(int(s["next"]) for s in old_slots)
-    todo: list[tuple[int, int]] = []
-    for s in old_slots:
-        explicit = ([s["cur"]] if s["cur"] is not None else []) + list(s["queue"])
-        todo += [
-            (int(u), int(off))
-            for u, off in explicit
-            if off < unit_tokens(u) and not (drop_partial and off > 0)
-        ]
-        u = int(s["next"])
-        while u < cut:
-            todo.append((u, 0))
-            u += int(s["stride"])
-    todo.sort()
-    if len({u for u, _ in todo}) != len(todo):
-        raise DataError(
-            "the loader states overlap (a unit is claimed twice); they are not one run's."
-        )
-    p = len(todo)
-    slots: list[dict[str, Any]] = [
-        {"cur": None, "queue": [], "next": cut + (j - p) % new_slots, "stride": new_slots}
-        for j in range(new_slots)
-    ]
-    for i, (u, off) in enumerate(todo):
-        slots[i % new_slots]["queue"].append([u, off])
-    return slots
+
+def _raise_failure(f: _WorkerFailure, rank: int) -> None:
+    if isinstance(f.error, DataError):
+        raise f.error  # the message says what is wrong and what to do: nothing else to add
+    err = RuntimeError(
+        f"DataLoader worker {f.worker} of rank {rank} failed: {type(f.error).__name__}: {f.error}"
+    )
+    err.add_note("worker traceback:\n" + f.trace)
+    raise err
 
 
 class TokenLoader:
-    """Packed (x, y) batches of a prepared split for one rank; see the module docstring."""
+    """Packed (x, y) batches of a prepared split for one rank; see the module docstring.
+
+    partitions: P, fixed for a run (`data.partitions`); None = as many as the split has
+    windows, up to DEFAULT_PARTITIONS (for passes whose order need not match another world
+    size's, such as validation)."""
 
     def __init__(
         self,
@@ -357,6 +369,7 @@ class TokenLoader:
         num_workers: int = 0,
         seed: int = 0,
         loop: bool = True,
+        partitions: int | None = DEFAULT_PARTITIONS,
         allow_pipe: bool = False,
         verify_sha256: bool = False,
         expected_tokenizer_sha256: str | None = None,
@@ -377,30 +390,33 @@ class TokenLoader:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.loop = seed, loop
         self._W = max(1, num_workers)
-        slots = world_size * self._W
-        if len(shards) < slots:
+        readers = world_size * self._W
+        windows = sum(s.tokens // (seq_len + 1) for s in shards)
+        if partitions is None:
+            partitions = max(readers, min(DEFAULT_PARTITIONS, windows) // readers * readers)
+        if partitions < 1 or partitions % readers:
             raise DataError(
-                f"split {split!r} of {data_dir} has {len(shards)} shards, but {world_size} ranks × "
-                f"{self._W} workers need at least {slots} (each reads whole shards): re-run prepare "
-                f"with a smaller shard_tokens (val: val_shard_tokens), or use fewer workers."
+                f"data.partitions={partitions} is not a multiple of world_size {world_size} x "
+                f"num_workers {self._W} = {readers}: every rank and worker reads an equal share "
+                f"of the partitions. Use a number of workers (or ranks) whose product divides "
+                f"{partitions}, or, for a new run, set data.partitions to a multiple of {readers}."
             )
-        # Local shards were hashed just above; remote ones are hashed as each is downloaded.
-        remote_verify = verify_sha256 and not is_local(data_dir)
-        self._spec = _Spec(
-            self._manifest, split, seed, seq_len, batch_size, allow_pipe, remote_verify
-        )
-        per_epoch = self.windows_per_epoch
-        if per_epoch < slots * batch_size:
+        if windows < partitions:
             raise DataError(
-                f"split {split!r} of {data_dir} packs into only {per_epoch} windows of "
-                f"seq_len + 1 = {seq_len + 1} tokens per epoch, fewer than {slots} slots × "
-                f"batch_size {batch_size}: use a smaller seq_len or batch_size, or more data."
+                f"split {split!r} of {data_dir} packs into {windows} windows of seq_len + 1 = "
+                f"{seq_len + 1} tokens per epoch, fewer than data.partitions={partitions}: use "
+                f"fewer partitions (a multiple of world_size x num_workers = {readers}), a "
+                f"smaller seq_len, or more data."
             )
-        self._slots: list[dict[str, Any]] = [
-            {"cur": None, "queue": [], "next": rank * self._W + w, "stride": slots}
-            for w in range(self._W)
-        ]
-        self._next_worker = 0
+        self._spec = _Spec(self._manifest, split, seed, seq_len, partitions, allow_pipe)
+        if self._spec.per_epoch // world_size < batch_size:
+            raise DataError(
+                f"split {split!r} of {data_dir} gives each of {world_size} ranks only "
+                f"{self._spec.per_epoch // world_size} windows of seq_len + 1 = {seq_len + 1} "
+                f"tokens per epoch, fewer than batch_size {batch_size}: use a smaller seq_len or "
+                f"batch_size, or more data."
+            )
+        self._position = 0  # local windows yielded
 
     # ---- facts
 
@@ -409,27 +425,67 @@ class TokenLoader:
         return self._manifest
 
     @property
+    def partitions(self) -> int:
+        return self._spec.partitions
+
+    @property
     def windows_per_epoch(self) -> int:
-        """Windows of seq_len + 1 tokens in one epoch of the split, over all ranks."""
-        return sum(s.tokens // (self.seq_len + 1) for s in self._manifest.shards(self.split))
+        """Windows of seq_len + 1 tokens read in one epoch of the split, over all ranks."""
+        return self._spec.per_epoch
 
     @property
     def epoch(self) -> int:
-        """The oldest epoch this rank still has data of (all its shards of earlier epochs done)."""
-        return min(_first_pending_epoch(self._spec, s) for s in self._slots)
+        """The epoch of the next window this rank reads."""
+        return self._position * self.world_size // self._spec.per_epoch
+
+    def first_shards(self, count: int = 1, rank: int | None = None) -> list[str]:
+        """Names of the first `count` distinct shards that rank `rank` (default: this loader's)
+        reads in epoch 0, in the order it first reads them (all its workers together), with this
+        loader's world size, seq_len, partitions and seed. Other ranks may read them too."""
+        r = self.rank if rank is None else rank
+        spec, q = self._spec, 0
+        found: list[str] = []
+        limit = spec.per_epoch // self.world_size
+        while len(found) < count and q < limit:
+            qs = np.arange(q, min(q + 4096, limit), dtype=np.int64)
+            _, shard, _ = spec.locate(qs * self.world_size + r)
+            for s in dict.fromkeys(shard.tolist()):
+                name = spec.shards[s].name
+                if name not in found:
+                    found.append(name)
+            q += len(qs)
+        return found[:count]
+
+    def memory_bound_bytes(self) -> int:
+        """The docstring's bound on the bytes of shards one reader (worker) of this loader holds."""
+        spec = self._spec
+        per_reader = -(-spec.partitions // (self.world_size * self._W))
+        item = spec.manifest.np_dtype.itemsize + (1 if spec.manifest.loss_mask else 0)
+        biggest = max(s.tokens for s in spec.shards) * item + 8 * int(spec.nwin.max())
+        return min(spec.n, 2 * per_reader + 1) * biggest
 
     # ---- iteration
 
+    def _epoch_end(self, q: int) -> int:
+        """The local position where the epoch of local window q ends."""
+        e = q * self.world_size // self._spec.per_epoch
+        return (e + 1) * self._spec.per_epoch // self.world_size
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields (x, y), both int64 [batch_size, seq_len], y = x shifted by one token (windows
-        of seq_len+1 tokens). loop=True: epochs forever (epoch e+1 reshuffled); loop=False: one
-        pass from the current position to the end of that epoch, then stop."""
-        stop = None if self.loop else self.epoch
+        of seq_len + 1 tokens; y = -1 where the loss must ignore the target). loop=True: epochs
+        forever (each reshuffled); loop=False: from the current position to the end of its
+        epoch, then stop."""
+        B, W, L = self.batch_size, self._W, self.seq_len
+        start = self._position
+        stop = None if self.loop else self._epoch_end(start)
         source: Any
         if self.num_workers == 0:
-            source = _slot_batches(self._spec, 0, copy.deepcopy(self._slots[0]), stop)
+            reader = _Reader(self._spec, self.rank, self.world_size, 0, 1)
+            self._reader = reader  # for benchmarks: peak_bytes, peak_shards
+            source = _worker_windows(reader, 0, 1, start, stop, B)
         else:
-            dataset = _RankDataset(self._spec, copy.deepcopy(self._slots), self._next_worker, stop)
+            dataset = _RankDataset(self._spec, self.rank, self.world_size, W, start, stop, B)
             source = iter(
                 DataLoader(
                     dataset,
@@ -445,34 +501,68 @@ class TokenLoader:
                 )
             )
             _live_iterators.add(source)
+        # Per worker: chunks of its windows not yet in a batch, and how far into the first.
+        pending: list[deque[tuple[np.ndarray, np.ndarray | None]]] = [deque() for _ in range(W)]
+        offset = [0] * W
+        have = [0] * W
+
+        def take(w: int, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+            """The next k windows of worker w (fetching chunks as needed)."""
+            while have[w] < k:
+                item = next(source)
+                if isinstance(item, _WorkerFailure):
+                    _raise_failure(item, self.rank)
+                src, rows, masks = item
+                pending[src].append((rows, masks))
+                have[src] += len(rows)
+            parts, mparts = [], []
+            while k:
+                rows, masks = pending[w][0]
+                n = min(k, len(rows) - offset[w])
+                parts.append(rows[offset[w] : offset[w] + n])
+                mparts.append(None if masks is None else masks[offset[w] : offset[w] + n])
+                offset[w] += n
+                have[w] -= n
+                k -= n
+                if offset[w] == len(rows):
+                    pending[w].popleft()
+                    offset[w] = 0
+            rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if mparts[0] is None:
+                return rows, None
+            return rows, mparts[0] if len(mparts) == 1 else np.concatenate(mparts)  # type: ignore[arg-type]
+
         try:
-            for rows, meta in source:
+            q = start
+            while stop is None or q + B <= stop:
+                # Local windows q .. q + B - 1; window q + j comes from worker (q + j) mod W.
+                if W == 1:
+                    batch, mask = take(0, B)
+                else:
+                    batch = np.empty((B, L + 1), self._manifest.np_dtype)
+                    mask = np.empty((B, L + 1), np.uint8) if self._manifest.loss_mask else None
+                    for w in range(W):
+                        first = (w - q) % W
+                        k = len(range(first, B, W))
+                        if k:
+                            rows, masks = take(w, k)
+                            batch[first::W] = rows
+                            if mask is not None and masks is not None:
+                                mask[first::W] = masks
                 # One int64 copy each for x and y, contiguous: [B, L].
-                x = torch.from_numpy(rows[:, :-1].astype(np.int64))
-                y = torch.from_numpy(rows[:, 1:].astype(np.int64))
-                # Bookkeeping of what was *yielded*: prefetched batches never count.
-                w = meta["w"]
-                self._slots[w] = meta["state"]
-                self._next_worker = (w + 1) % self._W
-                yield x, y
+                x = torch.from_numpy(batch[:, :-1].astype(np.int64))
+                y_np = batch[:, 1:].astype(np.int64)
+                if mask is not None:
+                    y_np[mask[:, 1:] == 0] = -1  # prompt tokens are no target of the loss
+                q += B
+                self._position = q  # bookkeeping of what was *yielded*
+                yield x, torch.from_numpy(y_np)
         finally:
             shutdown = getattr(source, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
         if stop is not None:
-            self._skip_to(stop + 1)
-
-    def _skip_to(self, epoch: int) -> None:
-        """After a loop=False pass: drop what is left of epochs before `epoch` (the partial
-        batches), so the next pass starts that epoch."""
-        n = self._spec.n
-        for i, s in enumerate(self._slots):
-            cursor = _Cursor(s)
-            cursor.cur = None
-            cursor.queue = deque(q for q in cursor.queue if q[0] // n >= epoch)
-            while cursor.next // n < epoch:
-                cursor.next += cursor.stride
-            self._slots[i] = cursor.state()
+            self._position = stop  # the pass is over: its partial batch is dropped
 
     # ---- state
 
@@ -483,34 +573,32 @@ class TokenLoader:
             "split": self.split,
             "dataset": self._manifest.fingerprint(self.split),
             "seed": self.seed,
+            "seq_len": self.seq_len,
+            "partitions": self._spec.partitions,
             "rank": self.rank,
             "world_size": self.world_size,
-            "num_workers": self._W,
-            "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
+            "position": self._position,
+            "global_position": self._position * self.world_size,
             "epoch": self.epoch,
-            "next_worker": self._next_worker,
-            "slots": copy.deepcopy(self._slots),
         }
 
     def load_state_dict(self, states: list[dict[str, Any]] | dict[str, Any]) -> None:
-        """Takes the states of ALL ranks of the saving run (any world size / worker count). Same
-        world size & workers: rank r continues exactly where rank r stopped (exact resume).
-        Different world size, worker count or batch size: finish the epoch with no token repeated
-        or lost (elastic resume). Different seq_len: the same, except that the rest of units the
-        old run had partly read is dropped (see the module docstring)."""
+        """Takes the states of ALL ranks of the saving run (any world size, workers, batch
+        size): this rank continues the saving run's global stream where it stopped (see State in
+        the module docstring)."""
         if isinstance(states, dict):
             states = [states]
         if not states:
             raise ValueError("load_state_dict needs the loader states of all ranks; got none.")
-        first = states[0]
         for st in states:
             fmt = st.get("format")
             if fmt != STATE_FORMAT and str(fmt).startswith("pretrain.TokenLoader/"):
                 raise DataError(
-                    f"the loader state has format {fmt!r}, this version reads {STATE_FORMAT!r} "
-                    f"(the order in which windows are read changed): resume with the version "
-                    f"that saved it, or start the data from scratch."
+                    f"the checkpoint's data-loader state has format {fmt!r}, this version reads "
+                    f"{STATE_FORMAT!r}: the data order changed (one global stream over "
+                    f"data.partitions, the same at any world size), so that position means "
+                    f"nothing here. Resume with the version that saved it, or start a new run "
+                    f"(another run.dir) from its weights."
                 )
             if fmt != STATE_FORMAT:
                 raise DataError(f"not a TokenLoader state (format {fmt!r}).")
@@ -518,16 +606,22 @@ class TokenLoader:
                 ("split", self.split),
                 ("dataset", self._manifest.fingerprint(self.split)),
                 ("seed", self.seed),
+                ("partitions", self._spec.partitions),
             ):
                 if st[key] != mine:
+                    flag = {"seed": "data.seed", "partitions": "data.partitions"}.get(key, key)
                     raise DataError(
-                        f"the loader state was saved with {key}={st[key]!r}, this loader has "
-                        f"{key}={mine!r}: resume with the same data, split and seed (or start the "
-                        f"data from scratch)."
+                        f"the loader state was saved with {flag}={st[key]!r}, this loader has "
+                        f"{flag}={mine!r}: resume with the same data, split, data.seed and "
+                        f"data.partitions (or start a new run)."
                     )
-            for key in ("world_size", "num_workers", "seq_len", "batch_size"):
-                if st[key] != first[key]:
-                    raise DataError("the loader states come from different runs.")
+            for key in ("world_size", "seq_len", "global_position"):
+                if st[key] != states[0][key]:
+                    raise DataError(
+                        f"the loader states disagree on {key} ({st[key]} vs {states[0][key]}): "
+                        f"they are not one checkpoint's."
+                    )
+        first = states[0]
         old_world = int(first["world_size"])
         ranks = sorted(int(st["rank"]) for st in states)
         if ranks != list(range(old_world)):
@@ -535,31 +629,31 @@ class TokenLoader:
                 f"load_state_dict needs the states of all {old_world} ranks of the saving run, "
                 f"got ranks {ranks}."
             )
-        by_rank: dict[int, dict[str, Any]] = {int(st["rank"]): st for st in states}
-        same = (
-            old_world == self.world_size
-            and int(first["num_workers"]) == self._W
-            and first["seq_len"] == self.seq_len
-            and first["batch_size"] == self.batch_size
-        )
-        if same:
-            own = by_rank[self.rank]
-            self._slots = copy.deepcopy(own["slots"])
-            self._next_worker = int(own["next_worker"])
-            return
-        old_slots = [slot for r in range(old_world) for slot in by_rank[r]["slots"]]
-        plan = plan_elastic(
-            old_slots,
-            self._spec.unit_tokens,
-            self.world_size * self._W,
-            drop_partial=first["seq_len"] != self.seq_len,
-        )
-        self._slots = plan[self.rank * self._W : (self.rank + 1) * self._W]
-        self._next_worker = 0
+        g = int(first["global_position"])
+        if int(first["seq_len"]) != self.seq_len:
+            # Other windows: go on at the next epoch's start (nothing is read twice).
+            old = _Spec(
+                self._manifest,
+                self.split,
+                self.seed,
+                int(first["seq_len"]),
+                self._spec.partitions,
+                False,
+            )
+            epoch = -(-g // old.per_epoch)
+            g = epoch * self._spec.per_epoch
+        if g % self.world_size:
+            raise DataError(
+                f"the checkpoint's data position ({g} windows over all ranks) is not divisible "
+                f"by world_size {self.world_size}: it was not saved at an optimizer step whose "
+                f"global batch this world size divides; resume with a world size that divides "
+                f"{g}."
+            )
+        self._position = g // self.world_size
 
     def __repr__(self) -> str:
         return (
             f"TokenLoader({self._manifest.source!r}, split={self.split!r}, seq_len={self.seq_len}, "
             f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, "
-            f"workers={self.num_workers}, epoch={self.epoch})"
+            f"workers={self.num_workers}, partitions={self._spec.partitions}, epoch={self.epoch})"
         )

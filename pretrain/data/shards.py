@@ -1,6 +1,6 @@
-"""Shards: the manifest of a prepared dataset, where its shards live, and reading them.
+"""Shards: where a prepared data dir lives, reading its manifest, and reading its shards.
 
-A data dir (see `pretrain.prepare`) is named by one of
+A data dir (see `pretrain.prepare`; its format is `pretrain.data.format`) is named by one of
     /path/to/dir  or  file:///path/to/dir      local files
     http://host/prefix  or  https://...         fetched with curl (via webdataset.gopen)
     pipe:COMMAND                                 a shell command that writes one file to stdout;
@@ -9,85 +9,36 @@ A data dir (see `pretrain.prepare`) is named by one of
                                                  `pipe:aws s3 cp s3://bucket/prepared/{path} -`
 pipe: runs a shell command, so it is refused unless the caller passes allow_pipe=True.
 
-Integrity: local shards are checked against the manifest's sizes when a loader starts (cheap),
-and against its sha256 when asked (`verify_sha256`). Every shard that is read, from anywhere, is
-read whole and checked for its size (and sha256 when asked) before its tar is parsed; a tar that
-does not parse, or holds other documents or token counts than the manifest says, raises a
-ShardError naming the shard and what to do. Nothing is skipped silently.
+Integrity, on every read: every shard that is read, from anywhere, is read whole and checked
+against the manifest's size and sha256 before its tar is parsed, every time it is read, so a
+flipped byte or a swapped member is never trained on. A tar that does not parse, or holds other
+documents or token counts than the manifest says, raises a ShardError too. Each names the shard,
+what was expected and found, and what to do. Before training, local shards are checked against
+the manifest's sizes (cheap), and all of them against their sha256 when asked
+(`verify_sha256`: a corrupt shard is found before the first step, not when it is reached).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import numpy as np
 import webdataset as wds
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-MANIFEST = "manifest.json"
-FORMAT = "pretrain-shards/1"
+from pretrain.data.format import (
+    MANIFEST,
+    DataError,
+    Manifest,
+    Shard,
+    ShardError,
+    shard_documents,
+)
 
-
-class DataError(RuntimeError):
-    """A data dir, manifest or shard is not usable; the message says what to do."""
-
-
-class ShardError(DataError):
-    """A shard is missing, truncated or corrupt."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    name: str  # relative to the data dir, e.g. "train/train-000003.tar"
-    documents: int
-    tokens: int
-    bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What `pretrain.prepare` wrote into manifest.json, typed."""
-
-    source: str  # the data dir as given (a path or a URL)
-    dtype: str  # "uint16" | "uint32"
-    token_ext: str  # tar member extension of a document's tokens, e.g. "tokens.u16"
-    tokenizer: str  # file name of the tokenizer inside the data dir
-    tokenizer_sha256: str
-    vocab_size: int
-    eos_id: int
-    bos_id: int
-    pad_id: int
-    splits: dict[str, tuple[Shard, ...]]
-    num_documents: dict[str, int]
-    num_tokens: dict[str, int]
-    raw: dict[str, Any] = field(repr=False, compare=False)
-
-    @property
-    def np_dtype(self) -> np.dtype:
-        return np.dtype("<u2" if self.dtype == "uint16" else "<u4")
-
-    def shards(self, split: str) -> tuple[Shard, ...]:
-        if split not in self.splits:
-            raise DataError(
-                f"split {split!r} is not in {self.source} (it has {sorted(self.splits)})."
-            )
-        return self.splits[split]
-
-    def fingerprint(self, split: str) -> str:
-        """Identifies the shards of a split (names and content hashes)."""
-        h = hashlib.sha256(self.tokenizer_sha256.encode())
-        for s in self.shards(split):
-            h.update(f"{s.name}\0{s.sha256}\n".encode())
-        return h.hexdigest()[:16]
+__all__ = ["DataError", "Manifest", "Shard", "ShardError", "read_manifest", "read_shard"]
 
 
 def is_local(data_dir: str | Path) -> bool:
@@ -155,42 +106,13 @@ def read_manifest(data_dir: str | Path, *, allow_pipe: bool = False) -> Manifest
             raise DataError(f"{src} has no {MANIFEST}: {hint}.")
     try:
         raw = json.loads(fetch(url))
-    except DataError:
-        raise
     except ValueError as exc:
         raise DataError(
             f"{url} is not valid JSON ({exc}); the data dir is damaged: re-run prepare."
         ) from exc
     except Exception as exc:
         raise DataError(f"cannot read {url}: {exc}; check the data dir.") from exc
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        fmt = raw.get("format") if isinstance(raw, dict) else None
-        raise DataError(
-            f"{url} has format {fmt!r}, this code reads {FORMAT!r}; re-run "
-            f"`python -m pretrain.prepare` to rebuild the data dir."
-        )
-    try:
-        splits = {
-            name: tuple(Shard(**s) for s in split["shards"])
-            for name, split in raw["splits"].items()
-        }
-        return Manifest(
-            source=src,
-            dtype=raw["dtype"],
-            token_ext=raw["token_ext"],
-            tokenizer=raw["tokenizer"],
-            tokenizer_sha256=raw["tokenizer_sha256"],
-            vocab_size=int(raw["vocab_size"]),
-            eos_id=int(raw["eos_id"]),
-            bos_id=int(raw["bos_id"]),
-            pad_id=int(raw["pad_id"]),
-            splits=splits,
-            num_documents={k: int(v["num_documents"]) for k, v in raw["splits"].items()},
-            num_tokens={k: int(v["num_tokens"]) for k, v in raw["splits"].items()},
-            raw=raw,
-        )
-    except (KeyError, TypeError) as exc:
-        raise DataError(f"{url} lacks field {exc}; re-run prepare to rebuild it.") from exc
+    return Manifest.from_json(raw, src)
 
 
 def check_tokenizer(manifest: Manifest, expected_sha256: str) -> None:
@@ -206,8 +128,15 @@ def check_tokenizer(manifest: Manifest, expected_sha256: str) -> None:
 
 def _redo(manifest: Manifest) -> str:
     return (
-        f"re-copy the data dir or re-run `python -m pretrain.prepare output={manifest.source} "
-        f"overwrite=true`"
+        f"re-copy the data dir from where it came from, or re-run `python -m pretrain.prepare "
+        f"output={manifest.source} overwrite=true` with the inputs it was prepared from"
+    )
+
+
+def _corrupt(manifest: Manifest, shard: Shard, where: str, found: str) -> ShardError:
+    return ShardError(
+        f"shard {shard.name} ({where}) is corrupt: its sha256 is {found}, the manifest says "
+        f"{shard.sha256}; stopped before training on it. To fix it: {_redo(manifest)}."
     )
 
 
@@ -231,16 +160,19 @@ def check_local_shards(manifest: Manifest, split: str, *, verify_sha256: bool = 
                 while block := f.read(1 << 20):
                     h.update(block)
             if h.hexdigest() != s.sha256:
-                raise ShardError(
-                    f"shard {path} is corrupt (sha256 {h.hexdigest()[:12]}, the manifest says "
-                    f"{s.sha256[:12]}): {_redo(manifest)}."
-                )
+                raise _corrupt(manifest, s, str(path), h.hexdigest())
+
+
+Document = tuple[np.ndarray, "np.ndarray | None"]  # (tokens [n], loss mask [n] uint8 or None)
 
 
 def read_shard(
-    manifest: Manifest, shard: Shard, *, allow_pipe: bool = False, verify_sha256: bool = False
-) -> list[np.ndarray]:
-    """The documents of `shard` in stored order, each a 1-D array of token ids ending in EOS."""
+    manifest: Manifest, shard: Shard, *, allow_pipe: bool = False, check_sha256: bool = True
+) -> list[Document]:
+    """The documents of `shard` in stored order: (tokens ending in EOS, loss mask or None).
+
+    The bytes are checked against the manifest's size and sha256 first (check_sha256=False is
+    for measuring what the check costs, nothing else)."""
     url = resolve(manifest.source, shard.name, allow_pipe=allow_pipe)
     try:
         data = fetch(url)
@@ -253,28 +185,18 @@ def read_shard(
             f"shard {shard.name} from {url} has {len(data):,} bytes, the manifest says "
             f"{shard.bytes:,}: {_redo(manifest)}."
         )
-    if verify_sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise ShardError(
-            f"shard {shard.name} from {url} is corrupt (sha256 mismatch): {_redo(manifest)}."
-        )
-    dtype, ext = manifest.np_dtype, manifest.token_ext
-    docs: list[np.ndarray] = []
+    if check_sha256:
+        found = hashlib.sha256(data).hexdigest()
+        if found != shard.sha256:
+            raise _corrupt(manifest, shard, url, found)
     try:
-        # webdataset's own tar reader, with errors re-raised (its default would skip them).
-        files = tar_file_expander(
-            [{"url": url, "stream": io.BytesIO(data)}], handler=reraise_exception
-        )
-        for sample in group_by_keys(files, handler=reraise_exception):
-            raw = sample.get(ext)
-            if raw is None or len(raw) % dtype.itemsize:
-                raise ValueError(f"sample {sample.get('__key__')!r} has no valid .{ext} member")
-            docs.append(np.frombuffer(raw, dtype=dtype))
+        docs = shard_documents(data, manifest.token_ext, manifest.np_dtype)
     except Exception as exc:
         raise ShardError(
             f"shard {shard.name} from {url} is corrupt ({type(exc).__name__}: {exc}); "
             f"{_redo(manifest)}."
         ) from exc
-    ntok = sum(len(d) for d in docs)
+    ntok = sum(len(d[0]) for d in docs)
     if len(docs) != shard.documents or ntok != shard.tokens:
         raise ShardError(
             f"shard {shard.name} from {url} is corrupt: it reads as {len(docs)} documents / "

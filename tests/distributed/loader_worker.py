@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--partitions", type=int, default=24)
     p.add_argument("--passes", type=int, default=1)
     p.add_argument("--save-at", type=int, default=None)
     p.add_argument("--resume", default=None)
@@ -65,6 +66,7 @@ def main() -> None:
             num_workers=a.workers,
             seed=a.seed,
             loop=False,
+            partitions=a.partitions,
         )
 
     if a.fresh:

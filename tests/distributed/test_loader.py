@@ -1,5 +1,6 @@
-"""TokenLoader across real processes (torchrun, 2 ranks x 2 DataLoader workers): exactly once,
-deterministic, exact resume and elastic resume to 1 and 4 ranks."""
+"""TokenLoader across real processes (torchrun, 2 ranks x 2 DataLoader workers): one global
+stream whatever the world size, exactly once per epoch, deterministic, exact resume, and
+elastic resume to 1 and 4 ranks that continues the same global stream."""
 
 from __future__ import annotations
 
@@ -14,28 +15,18 @@ import numpy as np
 import pytest
 
 from pretrain.data import read_manifest
-from pretrain.data.loader import shard_order
 from tests.conftest import test_env, torchrun
-from tests.data_fixtures import epoch_windows
+from tests.data_fixtures import epoch_windows, global_stream
 
 WORKER = str(Path(__file__).with_name("loader_worker.py"))
-L, B, SEED, SAVE_AT = 64, 8, 7, 25
+# 24 partitions: 2 x 2, 1 x 3 and 4 x 2 ranks x workers all divide it.
+L, B, SEED, SAVE_AT, P = 64, 8, 7, 25, 24
 
 
 def _run(nproc: int, data: Path, out: Path, *args: str) -> dict[str, list[Any]]:
     """Run loader_worker.py on `nproc` ranks; {"pass0": [rank0, rank1, ...], "resumed-pass0": ...}."""
-    cmd = [
-        WORKER,
-        str(data),
-        str(out),
-        "--seq-len",
-        str(L),
-        "--batch",
-        str(B),
-        "--seed",
-        str(SEED),
-        *args,
-    ]
+    cmd = [WORKER, str(data), str(out), "--seq-len", str(L), "--batch", str(B), "--seed",
+           str(SEED), "--partitions", str(P), *args]  # fmt: skip
     if nproc > 1:
         torchrun(nproc, cmd, timeout=300)
     else:  # one rank needs no launcher (saves torchrun's own start-up)
@@ -51,6 +42,16 @@ def _run(nproc: int, data: Path, out: Path, *args: str) -> dict[str, list[Any]]:
     return passes
 
 
+def _global(per_rank: list[np.ndarray]) -> np.ndarray:
+    """The global stream from the ranks' batches: global window q·R + r is rank r's q-th."""
+    flat = [a.reshape(-1, L + 1) for a in per_rank]
+    R, n = len(flat), min(len(a) for a in flat)
+    out = np.empty((n * R, L + 1), flat[0].dtype)
+    for r, a in enumerate(flat):
+        out[r::R] = a[:n]
+    return out
+
+
 def _rows(batches: list[np.ndarray]) -> Counter[bytes]:
     return Counter(row.tobytes() for arr in batches for batch in arr for row in batch)
 
@@ -64,32 +65,25 @@ def reference(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 @pytest.mark.timeout(300)
-def test_one_epoch_gives_every_token_to_exactly_one_rank_once(tiny_data: Path, reference: dict):
+def test_ranks_read_the_global_stream_each_window_once_per_epoch(tiny_data: Path, reference: dict):
+    expected = epoch_windows(tiny_data, "train", SEED, 0, L, P)
     got = _rows(reference["pass0"])
-    expected = epoch_windows(tiny_data, "train", SEED, 0, L)
     assert not got - expected  # no window twice, none foreign
-    # What is missing is exactly the documented tails: shard remainders + partial batches.
+    # The two ranks' batches interleave into the documented global stream.
+    stream, _ = global_stream(tiny_data, "train", SEED, 0, L, P)
+    assert np.array_equal(_global(reference["pass0"]), stream[: len(_global(reference["pass0"]))])
+    # What is missing is exactly the documented tails: shard remainders, the layout's last
+    # N mod P windows, and each rank's final partial batch.
     m = read_manifest(tiny_data)
     shards = m.shards("train")
-    slots = 2 * 2
-    order = shard_order(SEED, 0, len(shards))
-    per_slot = [sum(shards[s].tokens // (L + 1) for s in order[g::slots]) for g in range(slots)]
+    n_windows = sum(s.tokens // (L + 1) for s in shards)
+    per_rank = n_windows // P * P // 2
     dropped = m.num_tokens["train"] - sum(got.values()) * (L + 1)
-    assert dropped == sum(s.tokens % (L + 1) for s in shards) + sum(w % B for w in per_slot) * (
-        L + 1
-    )
-    assert dropped <= len(shards) * L + slots * (B - 1) * (L + 1)
-    # Token content, independently of windows: the yielded token histogram fits in the shards'.
-    hist_got = np.bincount(
-        np.concatenate([a.ravel() for a in reference["pass0"]]), minlength=m.vocab_size
-    )
-    hist_all = np.bincount(
-        np.concatenate([np.frombuffer(w, "<u2") for w in expected.elements()]),
-        minlength=m.vocab_size,
-    )
-    assert (hist_got <= hist_all).all() and hist_got.sum() == sum(got.values()) * (L + 1)
-    for r in range(2):  # both ranks did real work
-        assert len(reference["pass0"][r]) > 2 * SAVE_AT
+    tails = sum(s.tokens % (L + 1) for s in shards)
+    assert dropped == tails + (n_windows % P + 2 * (per_rank % B)) * (L + 1)
+    assert dropped <= len(shards) * L + (P - 1 + 2 * (B - 1)) * (L + 1)
+    for r in range(2):  # both ranks did the same amount of work
+        assert len(reference["pass0"][r]) == per_rank // B > 2 * SAVE_AT
     assert all(
         json.loads((reference["out"] / f"epoch-rank{r}.json").read_text())["epoch"] == 2
         for r in range(2)
@@ -102,17 +96,8 @@ def test_same_seed_same_batches_exact_resume_and_new_order_each_epoch(
 ):
     # One more run of 2 ranks x 2 workers: first fresh, then resumed from the states taken
     # after SAVE_AT batches (a new loader in the same processes).
-    run = _run(
-        2,
-        tiny_data,
-        tmp_path / "again",
-        "--workers",
-        "2",
-        "--passes",
-        "2",
-        "--resume",
-        str(reference["out"] / "state-rank*.json"),
-    )
+    run = _run(2, tiny_data, tmp_path / "again", "--workers", "2", "--passes", "2", "--resume",
+               str(reference["out"] / "state-rank*.json"))  # fmt: skip
     for r in range(2):
         # Same seed and world size: identical batches on every rank, every run.
         assert np.array_equal(run["pass0"][r], reference["pass0"][r]), r
@@ -128,27 +113,19 @@ def test_same_seed_same_batches_exact_resume_and_new_order_each_epoch(
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("nproc, workers", [(1, 3), (4, 2)])
-def test_elastic_resume_finishes_the_epoch_without_repeating_or_losing_tokens(
+def test_elastic_resume_continues_the_global_stream(
     tiny_data: Path, reference: dict, tmp_path: Path, nproc: int, workers: int
 ):
-    resumed = _run(
-        nproc,
-        tiny_data,
-        tmp_path / "elastic",
-        "--workers",
-        str(workers),
-        "--resume",
-        str(reference["out"] / "state-rank*.json"),
-    )
-    before = [arr[:SAVE_AT] for arr in reference["pass0"]]
-    got = _rows(before) + _rows(resumed["resumed-pass0"])
-    expected = epoch_windows(tiny_data, "train", SEED, 0, L)
-    assert not got - expected  # nothing read twice
-    n_shards = len(read_manifest(tiny_data).shards("train"))
-    missing = sum((expected - got).values())
-    # Lost: only shard tails (in `expected` already) and the new slots' final partial batches.
-    assert missing <= nproc * workers * (B - 1)
-    assert missing * (L + 1) <= n_shards * L + nproc * workers * (B - 1) * (L + 1)
+    resumed = _run(nproc, tiny_data, tmp_path / "elastic", "--workers", str(workers),
+                   "--resume", str(reference["out"] / "state-rank*.json"), "--fresh", "0")  # fmt: skip
+    head = _global([arr[:SAVE_AT] for arr in reference["pass0"]])
+    tail = _global(resumed["resumed-pass0"])
+    stream, _ = global_stream(tiny_data, "train", SEED, 0, L, P)
+    # The uninterrupted run's global order, continued exactly where the 2 ranks stopped.
+    assert len(head) == 2 * SAVE_AT * B
+    assert np.array_equal(np.concatenate([head, tail]), stream[: len(head) + len(tail)])
+    # ... to the end of the epoch: all of it but the new ranks' final partial batches.
+    assert len(stream) - len(head) - len(tail) == nproc * ((len(stream) - len(head)) // nproc % B)
     for r in range(nproc):
         epoch = json.loads((tmp_path / "elastic" / f"resumed-epoch-rank{r}.json").read_text())
         assert epoch["epoch"] == 1

@@ -1,4 +1,5 @@
-"""prepare: exact token counts, determinism, atomic/restartable output, clear errors on bad input."""
+"""prepare: exact token counts, the corpus-wide shuffle into shards, the val split and its
+minimum, fine-tuning records, determinism, atomic/restartable output, clear errors on bad input."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from pretrain import prepare as prep
+from pretrain.data import writer
 from pretrain.data.shards import DataError, read_manifest
 from pretrain.prepare import PrepareConfig, PrepareError, TokenizerConfig, run_prepare
 from pretrain.tokenizer import Tokenizer, file_sha256
@@ -154,15 +155,15 @@ def test_interrupted_prepare_leaves_nothing_that_looks_done_and_rerun_finishes(
     reference = run_prepare(tiny_config(corpus, tmp_path / "ref", shard_tokens=2048, num_proc=1))
 
     calls = {"n": 0}
-    real_add = prep.ShardWriter.add
+    real_add = writer.ShardWriter.add
 
-    def add_then_die(self, key, data, ntokens):  # dies halfway through the corpus
+    def add_then_die(self, key, tokens, mask, ntokens):  # dies halfway through the corpus
         calls["n"] += 1
         if calls["n"] == 15:
             raise KeyboardInterrupt
-        return real_add(self, key, data, ntokens)
+        return real_add(self, key, tokens, mask, ntokens)
 
-    monkeypatch.setattr(prep.ShardWriter, "add", add_then_die)
+    monkeypatch.setattr(writer.ShardWriter, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(cfg)
     monkeypatch.undo()
@@ -329,3 +330,145 @@ def test_cli_writes_only_into_output_and_rejects_unknown_keys(tmp_path: Path):
     assert ok.returncode == 0, ok.stderr
     assert list(run.iterdir()) == []  # no outputs/, .hydra/ or log files
     assert (tmp_path / "o" / "manifest.json").is_file()
+
+
+def _shard_contents(out: Path, split: str) -> list[list[tuple[str, bytes]]]:
+    """Per shard of a split, in order: its (member extension, data) pairs in order."""
+    m = read_manifest(out)
+    result = []
+    for s in m.shards(split):
+        with tarfile.open(out / s.name) as tar:
+            result.append(
+                [(mb.name.split(".", 1)[1], tar.extractfile(mb).read()) for mb in tar.getmembers()]  # type: ignore[union-attr]
+            )
+    return result
+
+
+def _grouped_corpus(root: Path, names: list[str]) -> Path:
+    """Three 'sources' of 40 documents each whose files sort by source: a shard filled in input
+    order would hold one source."""
+    root.mkdir(parents=True)
+    i = 0
+    for source, line in (("code", "def f{}(x):\n    return x * {}\n"),
+                         ("prose", "The {} quick brown foxes jump over {} lazy dogs.\n"),
+                         ("table", "0x{:04x}: 0x{:04x},\n")):  # fmt: skip
+        for k in range(40):
+            text = "".join(line.format(k * 7 + j, j) for j in range(30 + k % 7))
+            (root / names[i].format(source=source, k=k)).write_text(text)
+            i += 1
+    return root
+
+
+def test_documents_are_shuffled_over_shards_independently_of_file_names(tmp_path: Path):
+    by_source = _grouped_corpus(tmp_path / "a", ["{source}-{k:03d}.txt"] * 120)
+    # The same documents under other names, so that input order is another order.
+    renamed = _grouped_corpus(tmp_path / "b", [f"{(i * 37) % 120:03d}.txt" for i in range(120)])
+    kw = dict(tokenizer=TokenizerConfig(vocab_size=400), shard_tokens=6000, val_fraction=0.05)
+    a = run_prepare(_small_cfg(by_source, tmp_path / "out-a", **kw))
+    b = run_prepare(_small_cfg(renamed, tmp_path / "out-b", **kw))
+    c = run_prepare(_small_cfg(by_source, tmp_path / "out-c", seed=1, **kw))
+    ma = read_manifest(a)
+    assert len(ma.shards("train")) >= 6
+    # Every train shard mixes the three sources (which the text of each tells apart).
+    for shard in _shard_contents(a, "train"):
+        sp = spm.SentencePieceProcessor(model_file=str(a / "tokenizer.model"))
+        texts = [sp.decode(np.frombuffer(d, "<u2").tolist()) for ext, d in shard]
+        kinds = {("def " in t) + 2 * ("foxes" in t) + 4 * ("0x" in t) for t in texts}
+        assert len(kinds) >= 2, kinds  # ~12 documents a shard, of 2 or 3 sources
+    # File names and input order change nothing but the keys: same tokens, same shards.
+    for split in ("train", "val"):
+        ca = [[d for _, d in sh] for sh in _shard_contents(a, split)]
+        cb = [[d for _, d in sh] for sh in _shard_contents(b, split)]
+        assert ca == cb
+    # The seed decides the shuffle (and the split).
+    assert [[d for _, d in sh] for sh in _shard_contents(c, "train")] != [
+        [d for _, d in sh] for sh in _shard_contents(a, "train")
+    ]
+
+
+def _corpus_of(n: int, root: Path) -> Path:
+    root.mkdir()
+    for i in range(n):
+        (root / f"{i:04d}.txt").write_text(f"document {i} says " + "word " * (20 + i % 13) + "\n")
+    return root
+
+
+def test_val_gets_a_minimum_of_documents_and_tokens_and_says_so(tmp_path: Path, capsys):
+    corpus = _corpus_of(300, tmp_path / "c")
+    kw: dict = dict(tokenizer=TokenizerConfig(vocab_size=300), shard_tokens=500, val_fraction=0.005)
+    # val_fraction alone gives ~1-2 documents; the minimum of 20 documents wins (<= 10% of 300).
+    out = run_prepare(
+        _small_cfg(corpus, tmp_path / "o1", val_min_documents=20, val_min_tokens=0, **kw)
+    )
+    m = read_manifest(out)
+    report = m.raw["val_split"]
+    assert m.num_documents["val"] == report["documents"] == 20
+    assert report["from_val_fraction"] < 5 and report["rule"] == "minimum"
+    printed = capsys.readouterr().out
+    assert "val: 20 documents (6.7%)" in printed and "raised to the minimum" in printed
+    # A token minimum that needs more documents than the document minimum.
+    per_doc = m.num_tokens["val"] / 20
+    out2 = run_prepare(
+        _small_cfg(
+            corpus, tmp_path / "o2", val_min_documents=20, val_min_tokens=int(25 * per_doc), **kw
+        )
+    )
+    m2 = read_manifest(out2)
+    assert m2.num_tokens["val"] >= 25 * per_doc and 20 < m2.num_documents["val"] <= 30
+    # The corpus cannot give 200 documents: val stops at 10% and says why.
+    out3 = run_prepare(_small_cfg(corpus, tmp_path / "o3", val_min_documents=200, **kw))
+    m3 = read_manifest(out3)
+    total = m3.num_tokens["val"] + m3.num_tokens["train"]
+    assert 25 <= m3.num_documents["val"] <= 30 and m3.num_tokens["val"] <= 0.1 * total
+    assert m3.raw["val_split"]["rule"] == "minimum, capped"
+    assert "this corpus is too small for: val stops at 10%" in capsys.readouterr().out
+    # The val split grows along one ranking: the smaller val is part of the larger.
+    val_docs = [{d for sh in _shard_contents(o, "val") for _, d in sh} for o in (out, out2, out3)]
+    assert val_docs[0] <= val_docs[1] <= val_docs[2]
+    # The defaults: 50 documents / 50,000 tokens; val_fraction=0 still means no val split.
+    assert PrepareConfig.val_min_documents == 50 and PrepareConfig.val_min_tokens == 50_000
+    out4 = run_prepare(_small_cfg(corpus, tmp_path / "o4", **(kw | {"val_fraction": 0.0})))
+    assert read_manifest(out4).num_documents["val"] == 0
+
+
+def test_fine_tuning_records_mask_the_prompt(tiny_data: Path, tmp_path: Path):
+    c = tmp_path / "c"
+    c.mkdir()
+    records = [
+        {"prompt": f"Question {i}: what is {i} + {i}?\n", "response": f"Answer: {2 * i}.\n"}
+        for i in range(30)
+    ]
+    lines = [json.dumps(r) for r in records]
+    lines += [json.dumps({"prompt": "no answer", "response": ""}),  # skipped: empty
+              json.dumps({"prompt": "nul \u0000", "response": "x"}),  # skipped: binary
+              json.dumps({"prompt": 3, "response": "x"}),  # skipped: no text
+              json.dumps({"prompt": "", "response": "all of it counts\n"}),
+              json.dumps({"text": "a plain document\n" * 3})]  # fmt: skip
+    (c / "sft.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _small_cfg(c, tmp_path / "out", val_fraction=0.1, shard_tokens=200)
+    cfg.tokenizer = TokenizerConfig(path=str(tiny_data / "tokenizer.model"))
+    out = run_prepare(cfg)
+    m = read_manifest(out)
+    assert m.loss_mask and m.raw["format"] == "pretrain-shards/2"
+    assert {k: v["count"] for k, v in m.raw["skipped"].items()} == {
+        "binary": 1, "empty": 1, "no_text": 1
+    }  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    expected: dict[bytes, bytes | None] = {}
+    for r in records + [{"prompt": "", "response": "all of it counts\n"}]:
+        p, t = sp.encode(r["prompt"]) if r["prompt"] else [], sp.encode(r["response"])
+        ids = np.array(p + t + [sp.eos_id()], "<u2").tobytes()
+        expected[ids] = (
+            np.array([0] * len(p) + [1] * (len(t) + 1), np.uint8).tobytes() if p else None
+        )
+    expected[np.array(sp.encode("a plain document\n" * 3) + [sp.eos_id()], "<u2").tobytes()] = None
+    got: dict[bytes, bytes | None] = {}
+    for split in ("train", "val"):
+        for shard in _shard_contents(out, split):
+            for ext, data in shard:
+                if ext == "tokens.u16":
+                    got[data], last = None, data
+                else:
+                    assert ext == "loss.u8"
+                    got[last] = data
+    assert got == expected
