@@ -185,7 +185,7 @@ def evaluate_split(
     try:
         # Shard by shard: memory holds one shard's windows, however large the split.
         for shard in manifest.shards(split):
-            docs = read_shard(manifest, shard, allow_pipe=allow_pipe)
+            docs = [tokens for tokens, _ in read_shard(manifest, shard, allow_pipe=allow_pipe)]
             if max_documents:
                 docs = docs[: max_documents - n_docs]
             n_bytes += sum(len(sp.decode([int(t) for t in d]).encode("utf-8")) for d in docs)

@@ -64,7 +64,7 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 
 def val_docs(data: Path) -> list[np.ndarray]:
     manifest = read_manifest(data)
-    return [d for s in manifest.shards("val") for d in read_shard(manifest, s)]
+    return [d for s in manifest.shards("val") for d, _ in read_shard(manifest, s)]
 
 
 @pytest.mark.timeout(600)

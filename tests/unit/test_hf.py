@@ -36,7 +36,7 @@ ATOL = 1e-5
 
 def val_documents(data: Path) -> list[np.ndarray]:
     manifest = read_manifest(data)
-    return [d for s in manifest.shards("val") for d in read_shard(manifest, s)]
+    return [d for s in manifest.shards("val") for d, _ in read_shard(manifest, s)]
 
 
 def perturbed(cfg: dict, seed: int = 0) -> GPT:
