@@ -480,6 +480,9 @@ def _chunked_loss(
         if grad_w_needed
         else None
     )
+    # The weight gradient of one chunk, in the compute dtype, before it is added to the fp32
+    # sum (one buffer for all chunks; fp32 needs none: addmm_ accumulates in place).
+    chunk_w = torch.empty_like(w) if grad_w is not None and dtype != torch.float32 else None
     valid = targets != -1
     safe = targets.clamp(min=0)
     total = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -498,9 +501,13 @@ def _chunked_loss(
         g.mul_(m[:, None])
         gc = g.to(dtype)
         if grad_x is not None:
-            grad_x[start:end] = gc @ w  # [n, C]
+            torch.matmul(gc, w, out=grad_x[start:end])  # [n, C]
         if grad_w is not None:
-            grad_w[:vocab].add_((gc.T @ xc[start:end]).float())  # [V, C]
+            if chunk_w is None:
+                grad_w[:vocab].addmm_(gc.T, xc[start:end])  # [V, C]
+            else:
+                torch.matmul(gc.T, xc[start:end], out=chunk_w)
+                grad_w[:vocab].add_(chunk_w)
     return total, grad_x, grad_w, valid.sum()
 
 
