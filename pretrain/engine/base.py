@@ -115,6 +115,24 @@ def ensure_process_group(cfg: Config) -> None:
     )
 
 
+def release_host_memory() -> None:
+    """Give the host memory that freed tensors leave in the C heap back to the OS (glibc's
+    malloc_trim; a no-op elsewhere). Building a model allocates and frees many transients
+    (each rank's full initial value of one parameter at a time, DeepSpeed's partitioning
+    copies): without this they stay resident, in every process, for the rest of the run."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def log0(msg: str) -> None:
     """One line on stdout from global rank 0 only."""
     if pdist.is_main():
@@ -237,6 +255,7 @@ class Engine(ABC):
             model.compile()
         self.setup(model, make_optimizer)
         self.init_weights(self.cfg.run.seed)
+        release_host_memory()
 
     def create(self, model_cfg: GPTConfig) -> GPT:
         """The model, without memory: on the meta device. `setup` gives it storage (whole, or

@@ -74,11 +74,27 @@ def fragment_tensor(
                 shards_md.append(ShardMetadata(list(offsets), list(sizes), f"rank:{r}/{device}"))
     for start, flat in pieces:
         for offsets, sizes, first in flat_boxes(shape, start, start + flat.numel()):
-            view = flat.narrow(0, first - start, math.prod(sizes)).view(sizes)
+            view = own_storage(flat.narrow(0, first - start, math.prod(sizes))).view(sizes)
             md = ShardMetadata(list(offsets), list(sizes), f"rank:{rank}/{flat.device}")
-            local.append(Shard(view.detach(), md))
+            local.append(Shard(view, md))
     meta = ShardedTensorMetadata(shards_md, torch.Size(shape), TensorProperties(dtype=dtype))
     return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
+
+
+def own_storage(view: torch.Tensor) -> torch.Tensor:
+    """`view` (contiguous) as a tensor whose storage is exactly its own bytes of the same memory.
+
+    DCP copies a tensor whose storage is larger than itself before writing it (so as not to
+    write the whole storage), and keeps every such copy until the rank's file is complete: a
+    copy of everything the rank saves. A slice of the storage is the same memory, sized to fit:
+    nothing is copied, at save or at load."""
+    assert view.is_contiguous()
+    size = view.element_size()
+    storage = view.untyped_storage()[
+        view.storage_offset() * size : (view.storage_offset() + view.numel()) * size
+    ]
+    out = torch.empty(0, dtype=view.dtype, device=view.device)
+    return out.set_(storage, 0, view.shape, view.stride()).detach()
 
 
 def local_pieces(value: torch.Tensor) -> list[tuple[tuple[int, ...], torch.Tensor]]:

@@ -119,6 +119,11 @@ def deepspeed_config(cfg: Config, world_size: int, accum: int) -> dict[str, Any]
             # forward and backward: the whole 16-bit model on every rank).
             stage3_max_live_parameters=2 * bucket,
             stage3_max_reuse_distance=bucket,
+            # The optimizer steps the fp32 partition one sub-group at a time, each with an fp32
+            # copy of its gradients and AdamW's temporaries (about 14 bytes per element): in
+            # one sub-group of 1e9 elements (DeepSpeed's default) that is 14 bytes for every
+            # parameter a rank owns, more than its Adam state.
+            sub_group_size=bucket,
         )
     if name == "zero3_offload":
         pin = torch.cuda.is_available()
