@@ -668,11 +668,13 @@ class GPT(nn.Module):
         """Set every parameter to `initial_value(name, seed)` (None = a seed drawn from torch's
         global generator). Parameters on the meta device are skipped: a meta model is
         materialised with `to_empty(device=...)` and then initialised."""
+        real = [(name, p) for name, p in self.named_parameters() if not p.is_meta]
+        if not real:
+            return  # a meta model: nothing to set, and torch's generator is left untouched
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), device="cpu").item())
-        for name, p in self.named_parameters():
-            if not p.is_meta:
-                p.copy_(self.initial_value(name, seed))
+        for name, p in real:
+            p.copy_(self.initial_value(name, seed))
 
     def tie_weights(self) -> None:
         """Make lm_head.weight the token embedding's matrix again (when tied): moving a meta

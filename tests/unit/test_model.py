@@ -190,6 +190,12 @@ def test_initial_values_are_a_pure_function_of_seed_and_name(arch):
     assert torch.equal(GPT(cfg).transformer.wte.weight, c.transformer.wte.weight)
     rules = a.init_rules()
     assert set(rules) == {n for n, _ in a.named_parameters()}  # a tied matrix once
+    # A model on the meta device (planners, FLOP counters) does not touch torch's generator:
+    # a resumed run's restored RNG stream must not move.
+    state = torch.get_rng_state()
+    with torch.device("meta"):
+        GPT(cfg)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 # ------------------------------------------------------------------ forward, loss, masking
