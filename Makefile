@@ -49,12 +49,14 @@ format: install
 	$(VENV)/bin/ruff format pretrain tests benchmarks
 	$(VENV)/bin/ruff check --fix pretrain tests benchmarks
 
-# The figures in BENCHMARKS.md, each from its own command (about 12 minutes on 2 cores).
+# The figures in BENCHMARKS.md, each from its own command (about 50 minutes on 2 cores).
 bench: install
 	test -f data/demo/manifest.json || $(PY) -m pretrain.prepare output=data/demo tokenizer.vocab_size=2048
 	$(PY) -m benchmarks.bench_data --rounds 3
 	$(PY) -m benchmarks.bench_train --data data/demo --steps 40
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_strategies.py
+	$(PY) -m benchmarks.bench_memory
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.bench_loss --batches 1,4 --repeats 0
 
 clean:
 	rm -rf $(VENV) runs outputs wandb .pytest_cache

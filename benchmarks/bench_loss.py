@@ -11,9 +11,11 @@ The loss of GPT-2 small's output layer on random hidden states [B, 1024, 768] an
               gradients exist at once)
     chunked   `pretrain.model.chunked_cross_entropy`, as `GPT.forward(idx, targets)` runs it
 
-Memory is torch's MemTracker peak of every tensor allocated during forward + backward, less
-the two gradients both ways leave behind (of the hidden states and of the weight): what the
-loss holds on top of them. The inputs were allocated before and are not counted.
+Memory is the rise of the process's peak RSS during forward + backward (the kernel's
+high-water mark, reset first; glibc made to return every freed block of 64 KiB or more at once,
+so RSS is live memory), less the two gradients both ways leave behind (of the hidden states and
+of the weight): what the loss holds on top of them. The inputs exist before and are not
+counted.
 Also printed: the loss and the largest relative difference of the two gradients (fp32 noise
 expected in fp32, bf16 rounding under autocast). Time is the median of --repeats runs.
 """
@@ -25,6 +27,7 @@ import contextlib
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -47,7 +50,7 @@ def chunked_loss(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Ten
 
 
 def run(kind: str, batch: int, autocast: bool, repeats: int) -> dict[str, object]:
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from benchmarks.bench_memory import PeakMeter
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, SEQ, WIDTH, generator=g).requires_grad_()
@@ -59,32 +62,24 @@ def run(kind: str, batch: int, autocast: bool, repeats: int) -> dict[str, object
         if autocast
         else contextlib.nullcontext
     )
-
-    tracker = MemTracker()
-    with tracker:
-        with ctx():
-            loss = fn(x, w, t)
-        loss.backward()
-    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
-    total = next(v for k, v in peak.items() if str(k) == "Total")
-    assert x.grad is not None and w.grad is not None
-    # What the loss needs beyond the gradients it leaves behind (which any loss leaves).
-    total -= x.grad.untyped_storage().nbytes() + w.grad.untyped_storage().nbytes()
-    grads = (x.grad.detach().clone(), w.grad.detach().clone())
-    times = []
-    for _ in range(repeats):
+    meter = PeakMeter()
+    times, peak = [], 0
+    for _ in range(1 + repeats):
         x.grad = w.grad = None
+        before = meter.rss()
+        meter.reset()
         t0 = time.perf_counter()
         with ctx():
             loss = fn(x, w, t)
         loss.backward()
         times.append(time.perf_counter() - t0)
-    return {
-        "peak": total,
-        "loss": float(loss.detach()),
-        "grads": grads,
-        "s": statistics.median(times),
-    }
+        assert x.grad is not None and w.grad is not None
+        # What the loss needs beyond the gradients it leaves behind (which any loss leaves).
+        left = x.grad.untyped_storage().nbytes() + w.grad.untyped_storage().nbytes()
+        peak = max(peak, meter.peak() - before - left)
+    grads = (x.grad.detach().clone(), w.grad.detach().clone())
+    return {"peak": peak, "loss": float(loss.detach()), "grads": grads,
+            "s": statistics.median(times[1:] or times)}  # fmt: skip
 
 
 def main() -> None:
@@ -92,6 +87,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8", help="micro-batch sizes (sequences of 1024)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        # Freed blocks go back to the OS at once, so the RSS high-water mark is live memory.
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.bench_loss", *sys.argv[1:]])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     lines = [
         "| precision | batch x seq | full: peak MiB | chunked: peak MiB | full / chunked "
@@ -116,8 +115,8 @@ def main() -> None:
     print(
         f"Output layer of GPT-2 small: hidden [B, {SEQ}, {WIDTH}], weight [{PADDED}, {WIDTH}] "
         f"(vocab {VOCAB}); {platform.machine()}, {torch.get_num_threads()} threads, load "
-        f"average {os.getloadavg()[0]:.1f}. Peak = MemTracker's peak of the tensors allocated "
-        "in forward + backward, less the gradients of x and of the weight left behind.\n"
+        f"average {os.getloadavg()[0]:.1f}. Peak = rise of peak RSS in forward + backward, less "
+        "the gradients of x and of the weight left behind.\n"
     )
     print("\n".join(lines))
 

@@ -4,8 +4,11 @@
         device_memory_gb=40
 
 prints, per rank, the bytes of parameters, gradients, optimizer state, transient buffers and
-activations (with and without activation checkpointing) for each strategy, and recommends the
-cheapest one, in communication, that fits the device. `estimate(...)` is the Python API.
+activations (with and without activation checkpointing) for each strategy, the peak of each
+phase of a run (init, train, save, resume: `_phases`, on the device and in host memory), and
+recommends the cheapest one, in communication, whose every phase fits the device.
+`estimate(...)` is the Python API; benchmarks/bench_memory.py checks the phase peaks against
+peak RSS per rank of real runs.
 
 Notation: Ψ = number of parameters (a tied matrix counts once), N = ranks the model states are
 sharded over (world_size; world_size / nodes for hsdp), "16-bit" = bf16 or fp16. Sizes in GB
@@ -59,8 +62,9 @@ Buffers (`buffers`, transient or communication memory, approximate and not part 
 formulas): the 16-bit copies autocast makes of every Linear weight (single/ddp in 16-bit); DDP's
 gradient buckets (a second fp32 copy of all gradients: torch's default
 gradient_as_bucket_view=False); DeepSpeed's reduce bucket (reduce_bucket_size elements of
-16-bit gradients) and the fp32 gradient partition created for the optimizer step (4Ψ/N);
-ZeRO-3's gathered parameters (the largest module plus one prefetched block); FSDP's unsharded
+16-bit gradients, n_embd² by default) and the fp32 gradient partition created for the optimizer
+step (4Ψ/N; ZeRO-3: one sub-group of bucket size at a time, with its 16-bit flattened copy);
+ZeRO-3's gathered parameters (the largest module plus one prefetch bucket); FSDP's unsharded
 root and two blocks, plus one unit's unsharded gradients (16-bit + fp32 for the reduce-scatter).
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
