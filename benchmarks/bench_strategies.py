@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from pretrain import dist
     from pretrain.engine import create_engine
-    from pretrain.model import GPT, GPTConfig
+    from pretrain.model import GPTConfig
     from pretrain.optim import build_optimizer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -62,11 +62,10 @@ def worker(args: argparse.Namespace) -> None:
             ],
         )
     engine = create_engine(cfg, accum=1)  # type: ignore[arg-type]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**OmegaConf.to_container(cfg.model)))  # type: ignore[arg-type]
-    n_params = model.num_params()
+    model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))  # type: ignore[arg-type]
     device = engine.device
-    engine.setup(model, lambda m: build_optimizer(m, cfg.optim, device))
+    engine.build(model_cfg, lambda m: build_optimizer(m, cfg.optim, device))
+    n_params = engine.num_params
     g = torch.Generator().manual_seed(engine.rank)
     times, mem = [], {}
     for step in range(args.steps):

@@ -34,6 +34,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from pretrain import dist
 from pretrain.failpoint import failpoint
@@ -388,7 +389,11 @@ def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         ]:
             del group[key]
     try:
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        # flatten_sharded_tensors=False: a rank that owns no part of a ZeRO-partitioned tensor
+        # holds an empty ShardedTensor for it, which DCP's flattening would drop from its keys
+        # (and then mistake the checkpoint for an old format). Nothing here is nested.
+        planner = DefaultLoadPlanner(flatten_sharded_tensors=False)
+        dcp.load(state, checkpoint_id=str(path / "dcp"), planner=planner)
     except (CheckpointException, RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model/optimizer ({type(e).__name__}: "

@@ -37,6 +37,14 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
 
 
+def zero_bucket_elements(n_embd: int, configured: int = 0) -> int:
+    """DeepSpeed's communication bucket in elements for a model of width `n_embd`:
+    `configured` if set, else n_embd^2 (as Hugging Face's "auto" DeepSpeed config), at least
+    2^20. DeepSpeed's own 5e7-5e8 element defaults are sized for models of billions of
+    parameters: on a 150M one a 5e7-element fp32 bucket alone is a third of the model."""
+    return int(configured) if configured > 0 else max(n_embd * n_embd, 2**20)
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -110,8 +118,9 @@ class StrategyConfig:
     """When DeepSpeed cannot be used: fsdp (run the FSDP equivalent, say so) or error."""
     deepspeed_config: str = ""
     """Path to a DeepSpeed JSON whose keys override the generated DeepSpeed config."""
-    reduce_bucket_size: int = 50_000_000
-    """DeepSpeed reduce/allgather bucket size in elements."""
+    reduce_bucket_size: int = 0
+    """DeepSpeed reduce/allgather/prefetch bucket size in elements (0 = sized to the model:
+    `zero_bucket_elements`)."""
     hsdp_replicas: int = 0
     """hsdp: number of replica groups (0 = number of nodes)."""
 

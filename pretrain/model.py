@@ -29,10 +29,18 @@ of `pad_vocab_to`, for fast matmuls). The logits of the padded ids are set to -i
 so the softmax, the loss and sampling are exactly those of a `vocab_size`-way model: padded ids
 never get probability, their rows never get gradient from the loss, and an export can drop
 them without changing any output.
+
+The training loss (`forward(idx, targets)`) never materialises the [B, T, V] fp32 logits: the
+output projection computes the cross-entropy and its gradient a chunk of positions at a time
+(`LMHead`, `chunked_cross_entropy`). `forward(idx)` returns the full logits, as always.
+
+Initialisation is a pure function of a seed and each parameter's name (`initial_value`), so a
+rank that holds only a shard of a parameter can compute exactly what one process would.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -413,6 +421,162 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Output projection and loss
+# ---------------------------------------------------------------------------------------------
+
+# Rows of fp32 logits the loss computes at once: about this many bytes of [rows, V] logits.
+LOSS_CHUNK_BYTES = 32 * 2**20
+
+
+class LMHead(nn.Linear):
+    """The output projection (weight [V, C], no bias) and the training loss computed from it.
+
+    `head(x)` is the plain projection: logits [..., V]. `head(x, targets)` is the mean
+    cross-entropy over the non-ignored targets, computed `LOSS_CHUNK_BYTES` of logits at a time
+    (`chunked_cross_entropy`), so that the [B, T, V] fp32 logits and their gradient never exist
+    at once. Both go through the module's __call__, so sharding hooks (FSDP, DeepSpeed ZeRO-3)
+    gather the weight for either."""
+
+    def __init__(self, n_embd: int, padded_vocab: int, vocab_size: int) -> None:
+        super().__init__(n_embd, padded_vocab, bias=False)
+        self.vocab_size = vocab_size
+        self.chunk_bytes = LOSS_CHUNK_BYTES
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        rows = max(1, self.chunk_bytes // (4 * self.vocab_size))
+        return chunked_cross_entropy(
+            x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1), self.vocab_size, rows
+        )
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the projection's matmul runs in: autocast's when it is on (as for an
+    nn.Linear under autocast), else the inputs' (promoted)."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.result_type(*tensors)
+
+
+def _chunked_loss(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab: int,
+    rows: int,
+    grad_x_needed: bool,
+    grad_w_needed: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(sum of the losses, its gradient wrt x, wrt weight, number of non-ignored targets),
+    `rows` rows of logits at a time; see `_ChunkedCrossEntropy`."""
+    dtype = _compute_dtype(x, weight)
+    xc = x.to(dtype)
+    w = weight[:vocab].to(dtype)  # [V, C]; padded rows take no part (their logits are -inf)
+    grad_x = torch.empty_like(xc) if grad_x_needed else None
+    grad_w = (
+        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if grad_w_needed
+        else None
+    )
+    # The weight gradient of one chunk, in the compute dtype, before it is added to the fp32
+    # sum (one buffer for all chunks; fp32 needs none: addmm_ accumulates in place).
+    chunk_w = torch.empty_like(w) if grad_w is not None and dtype != torch.float32 else None
+    valid = targets != -1
+    safe = targets.clamp(min=0)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for start in range(0, x.size(0), rows):
+        end = min(start + rows, x.size(0))
+        logits = (xc[start:end] @ w.T).float()  # [n, V]
+        lse = torch.logsumexp(logits, dim=-1)  # [n]
+        t, m = safe[start:end], valid[start:end]
+        picked = logits.gather(1, t[:, None]).squeeze(1)  # [n]
+        total += torch.where(m, lse - picked, 0.0).sum()
+        if grad_x is None and grad_w is None:
+            continue
+        # d(sum of losses) / d(logits) = softmax - onehot(target), zero on ignored rows.
+        g = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are done with
+        g.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
+        g.mul_(m[:, None])
+        gc = g.to(dtype)
+        if grad_x is not None:
+            torch.matmul(gc, w, out=grad_x[start:end])  # [n, C]
+        if grad_w is not None:
+            if chunk_w is None:
+                grad_w[:vocab].addmm_(gc.T, xc[start:end])  # [V, C]
+            else:
+                torch.matmul(gc.T, xc[start:end], out=chunk_w)
+                grad_w[:vocab].add_(chunk_w)
+    return total, grad_x, grad_w, valid.sum()
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = x @ weight[:vocab].T over the targets != -1, one chunk of
+    rows at a time. The gradient is computed in the forward pass, where each chunk's softmax is
+    at hand (no second logits matmul): the backward only scales it. Memory beyond the inputs:
+    one chunk's logits and softmax ([rows, V] fp32), the gradient of x ([N, C]) and the fp32
+    gradient of the weight ([V_padded, C]); never the [N, V] logits or their gradient.
+
+    Numerics follow the unchunked `F.cross_entropy((x @ W.T).float())`: the matmuls run in the
+    compute dtype (bf16 under autocast, as nn.Linear does), logits and softmax in fp32, the
+    gradient of the logits is cast to the compute dtype for the two backward matmuls, and the
+    weight gradient accumulates in fp32. That gradient is taken unnormalised (softmax - onehot,
+    in [-1, 1]) and scaled by grad / n_valid afterwards, in fp32, so fp16 cannot underflow it."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,  # [N, C]
+        weight: torch.Tensor,  # [V_padded, C]
+        targets: torch.Tensor,  # [N], -1 = ignore
+        vocab: int,
+        rows: int,
+    ) -> torch.Tensor:
+        total, grad_x, grad_w, n_valid = _chunked_loss(
+            x, weight, targets, vocab, rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        # On ctx, not saved tensors: nothing is needed again but these results, and a gradient
+        # no one else references is handed to .grad without a copy.
+        ctx.grads = (grad_x, grad_w, n_valid)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        grad_x, grad_w, n_valid = ctx.grads
+        del ctx.grads
+        scale = grad.float() / n_valid
+        if grad_x is not None:
+            grad_x = grad_x.mul_(scale) if grad_x.dtype == torch.float32 else grad_x.float() * scale
+            grad_x = grad_x.to(ctx.x_dtype)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(scale).to(ctx.w_dtype)
+        return grad_x, grad_w, None, None, None
+
+
+def chunked_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int, rows: int
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits x @ weight[:vocab].T ([N, C] @ [C, V]) against targets
+    ([N], -1 = ignored), `rows` rows of logits at a time: the value and gradients of
+    `F.cross_entropy` over the full fp32 logits with the padded ids at -inf, up to the order of
+    summation, without ever holding more than `rows` rows of logits."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _ChunkedCrossEntropy.apply(x, weight, targets, vocab, rows)
+    total, _, _, n_valid = _chunked_loss(x, weight, targets, vocab, rows, False, False)
+    return total / n_valid
+
+
+def param_seed(seed: int, name: str) -> int:
+    """The seed of parameter `name`'s initial values: a hash of the run seed and the name, so
+    that a parameter's values depend on nothing else (not on which parameters were created
+    before it, on which rank, or in which order)."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
 
@@ -422,7 +586,13 @@ class GPT(nn.Module):
     """When True (and training with grad enabled), each block's activations are recomputed in
     the backward pass instead of stored: ~1/3 more compute for much less activation memory."""
 
-    def __init__(self, cfg: GPTConfig | Mapping[str, Any]) -> None:
+    def __init__(
+        self, cfg: GPTConfig | Mapping[str, Any], seed: int | None = None, *, init: bool = True
+    ) -> None:
+        """The model of `cfg`, initialised from `seed` (see `init_weights`; None = a seed drawn
+        from torch's global generator, so `torch.manual_seed(s); GPT(cfg)` is reproducible).
+        On the meta device, or with init=False, the weights are left for the caller to set
+        (a parallel engine initialises each rank's shard itself)."""
         super().__init__()
         if not isinstance(cfg, GPTConfig):
             cfg = GPTConfig.from_mapping(cfg)
@@ -432,7 +602,7 @@ class GPT(nn.Module):
 
         V = cfg.padded_vocab_size
         wte = nn.Embedding(V, cfg.n_embd)
-        lm_head = nn.Linear(cfg.n_embd, V, bias=False)
+        lm_head = LMHead(cfg.n_embd, V, cfg.vocab_size)
         if cfg.tie_embeddings:
             # Weight tying (Press & Wolf 2017): one [V, C] matrix embeds tokens and scores them.
             # It is registered under both names (state_dict has both keys); parameters() and
@@ -448,32 +618,74 @@ class GPT(nn.Module):
         # way it reads; it is an nn.ModuleDict.
         self.transformer: Any = nn.ModuleDict(modules)
         self.lm_head = lm_head
-        self.init_weights()
+        if init:
+            self.init_weights(seed)
 
     # -- initialisation ------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """GPT-2 init: every Linear/Embedding weight ~ N(0, init_std), biases 0, norms 1; the
-        two projections that write into the residual stream in each block (attn.c_proj,
-        mlp.c_proj) ~ N(0, init_std/sqrt(2*n_layer)), so the residual's variance does not grow
-        with depth (2 residual additions per block).
-
-        Called by __init__; call it again after materialising a meta-device model with
-        `to_empty(device=...)` (the model has no buffers, so that is all it needs)."""
+    def init_rules(self) -> dict[str, tuple[str, float]]:
+        """How each parameter (by name, a tied matrix once) starts: ("normal", std), ("zeros",
+        0) or ("ones", 0). GPT-2 init: every Linear/Embedding weight ~ N(0, init_std), biases 0,
+        norms 1; the two projections that write into the residual stream in each block
+        (attn.c_proj, mlp.c_proj) ~ N(0, init_std/sqrt(2*n_layer)), so the residual's variance
+        does not grow with depth (2 residual additions per block)."""
         std = self.cfg.init_std
         resid_std = std / math.sqrt(2 * self.cfg.n_layer)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                s = resid_std if getattr(module, "residual_proj", False) else std
-                nn.init.normal_(module.weight, mean=0.0, std=s)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                # With tied embeddings this re-draws lm_head's (shared) weight: same distribution.
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                module.reset_parameters()
+        rules: dict[str, tuple[str, float]] = {}
+        for prefix, module in self.named_modules():
+            for pname, _ in module.named_parameters(prefix=prefix, recurse=False):
+                leaf = pname.rpartition(".")[2]
+                if isinstance(module, (nn.Linear, nn.Embedding)) and leaf == "weight":
+                    s = resid_std if getattr(module, "residual_proj", False) else std
+                    rules.setdefault(pname, ("normal", s))
+                elif leaf == "bias":
+                    rules.setdefault(pname, ("zeros", 0.0))
+                else:  # norm gains
+                    rules.setdefault(pname, ("ones", 0.0))
+        # Keyed as named_parameters() names them: a tied matrix under its first name only.
+        return {name: rules[name] for name, _ in self.named_parameters()}
+
+    def initial_value(self, name: str, seed: int) -> torch.Tensor:
+        """The initial value of parameter `name`: full shape, fp32, on the CPU, a pure function
+        of (seed, name, config). A normal draw uses its own generator seeded by
+        `param_seed(seed, name)`, so every rank of a sharded run can compute any parameter
+        (and keep its shard) and get what a single process gets, at any world size."""
+        table = self.__dict__.get("_init_table")
+        if table is None:  # built once: names, rules and shapes do not change
+            shapes = {n: p.shape for n, p in self.named_parameters()}
+            table = {n: (*rule, shapes[n]) for n, rule in self.init_rules().items()}
+            self.__dict__["_init_table"] = table
+        kind, std, shape = table[name]
+        if kind == "zeros":
+            return torch.zeros(shape, device="cpu")
+        if kind == "ones":
+            return torch.ones(shape, device="cpu")
+        g = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
+        return torch.empty(shape, device="cpu").normal_(0.0, std, generator=g)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Set every parameter to `initial_value(name, seed)` (None = a seed drawn from torch's
+        global generator). Parameters on the meta device are skipped: a meta model is
+        materialised with `to_empty(device=...)` and then initialised."""
+        real = [(name, p) for name, p in self.named_parameters() if not p.is_meta]
+        if not real:
+            return  # a meta model: nothing to set, and torch's generator is left untouched
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), device="cpu").item())
+        for name, p in real:
+            p.copy_(self.initial_value(name, seed))
+
+    def tie_weights(self) -> None:
+        """Make lm_head.weight the token embedding's matrix again (when tied): moving a meta
+        model to a real device gives each module its own new parameter."""
+        if self.cfg.tie_embeddings and self.lm_head.weight is not self.transformer.wte.weight:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def to_empty(self, *, device: Any, recurse: bool = True) -> GPT:
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -505,13 +717,16 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: [B, T] token ids; targets: [B, T] next-token ids, -1 = ignore (no loss there).
 
-        Returns (logits [B, T, V] float32 with padded ids at -inf, mean cross-entropy over the
-        non-ignored targets or None). With `kv_cache`, idx is the next chunk of a sequence whose
-        first kv_cache.pos positions are already in the cache; positions are offset accordingly
-        and the cache is advanced by T."""
+        Without targets: (logits [B, T, V] float32 with padded ids at -inf, None).
+        With targets: (None, mean cross-entropy over the non-ignored targets, a 0-dim float32
+        tensor). The loss is computed from the final hidden states a chunk of positions at a
+        time (`LMHead`), so training never holds the [B, T, V] logits; call without targets
+        for them. With `kv_cache`, idx is the next chunk of a sequence whose first kv_cache.pos
+        positions are already in the cache; positions are offset accordingly and the cache is
+        advanced by T."""
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.cfg.block_size:
@@ -539,22 +754,19 @@ class GPT(nn.Module):
                 x = block(x, rope, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)  # [B, T, C]
 
         # Loss and logits in float32 even under autocast: log-softmax over ~50k classes in bf16
-        # loses the small probabilities that the loss is made of.
+        # loses the small probabilities that the loss is made of. Padded ids are not tokens:
+        # the loss leaves them out (a vocab_size-way softmax) and their logits are -inf, so
+        # their probability is exactly 0 and sampling can never pick them.
+        if targets is not None:
+            return None, self.lm_head(x, targets)
         logits = self.lm_head(x).float()  # [B, T, V]
         if self.cfg.padded_vocab_size > self.cfg.vocab_size:
-            # Padded ids are not tokens: -inf makes their probability exactly 0, so the loss is
-            # that of a vocab_size-way softmax and sampling can never pick them. In-place is
-            # safe: the matmul's backward does not need its output.
+            # In-place is safe: the matmul's backward does not need its output.
             logits[..., self.cfg.vocab_size :] = float("-inf")
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
-        return logits, loss
+        return logits, None
 
     # -- generation ----------------------------------------------------------------------------
 

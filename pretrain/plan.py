@@ -4,8 +4,11 @@
         device_memory_gb=40
 
 prints, per rank, the bytes of parameters, gradients, optimizer state, transient buffers and
-activations (with and without activation checkpointing) for each strategy, and recommends the
-cheapest one, in communication, that fits the device. `estimate(...)` is the Python API.
+activations (with and without activation checkpointing) for each strategy, the peak of each
+phase of a run (init, train, save, resume: `_phases`, on the device and in host memory), and
+recommends the cheapest one, in communication, whose every phase fits the device.
+`estimate(...)` is the Python API; benchmarks/bench_memory.py checks the phase peaks against
+peak RSS per rank of real runs.
 
 Notation: Ψ = number of parameters (a tied matrix counts once), N = ranks the model states are
 sharded over (world_size; world_size / nodes for hsdp), "16-bit" = bf16 or fp16. Sizes in GB
@@ -59,8 +62,9 @@ Buffers (`buffers`, transient or communication memory, approximate and not part 
 formulas): the 16-bit copies autocast makes of every Linear weight (single/ddp in 16-bit); DDP's
 gradient buckets (a second fp32 copy of all gradients: torch's default
 gradient_as_bucket_view=False); DeepSpeed's reduce bucket (reduce_bucket_size elements of
-16-bit gradients) and the fp32 gradient partition created for the optimizer step (4Ψ/N);
-ZeRO-3's gathered parameters (the largest module plus one prefetched block); FSDP's unsharded
+16-bit gradients, n_embd² by default) and the fp32 gradient partition created for the optimizer
+step (4Ψ/N; ZeRO-3: one sub-group of bucket size at a time, with its 16-bit flattened copy);
+ZeRO-3's gathered parameters (the largest module plus one prefetch bucket); FSDP's unsharded
 root and two blocks, plus one unit's unsharded gradients (16-bit + fp32 for the reduce-scatter).
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
@@ -81,16 +85,17 @@ In 16-bit with GPT-2's m = 4h that is 32·s·b·h per layer: Korthikanti's 34 le
 residual dropout masks (dropout = 0) plus nothing for attention (flash/SDPA stores q, k, v, the
 output and the log-sum-exp; the s² softmax term disappears). Dropout > 0 adds 1-byte masks
 (2h per layer; a·s·(1 + c) more without flash). Once per micro-batch: token ids and targets
-(16 bytes/token), the final norm's and the output projection's inputs, and the logits: the model
-upcasts them to fp32 for the loss (s·b·V·4 bytes each, large for GPT-2's V = 50304), the
-training step holds the logits and the log-softmax output (8V), and the loss backward adds
-their two gradients (8V more): 16·s·b·V bytes at the peak.
+(16 bytes/token), the final norm's and the output projection's inputs, and the loss. The loss
+never holds the [s, b, V] logits (16·s·b·V bytes of fp32 logits, log-softmax and their
+gradients, 6.6 GB for GPT-2 at b = 8): `pretrain.model.LMHead` computes it and its gradient a
+chunk of rows at a time, so it holds the fp32 weight gradient (4·V·h), the gradient of its
+input (c·s·b·h) and one chunk of fp32 logits (LOSS_CHUNK_BYTES, plus a 16-bit copy and a
+16-bit chunk weight gradient in 16-bit): `loss_bytes`.
 
 With activation checkpointing (per block, non-reentrant) each layer keeps only its input,
 r·s·b·h bytes (Korthikanti's 2sbh), and backward recomputes one block at a time: the peak is
-L·r·s·b·h plus the larger of the loss peak (16V plus the final norm and head inputs) and one
-block's full activations plus its backward's gradient temporaries (r·h + c·m, 2·c·m for SwiGLU)
-with the fp32 logits (4V) still held.
+L·r·s·b·h plus the larger of the loss (at the end of forward) and one block's full
+activations plus its backward's gradient temporaries (r·h + c·m, 2·c·m for SwiGLU).
 
 Checked against measurements: tests/distributed/test_plan_memory.py measures the model states
 of every strategy of `pretrain.engine` (2 gloo ranks, tensor by tensor), and
@@ -113,8 +118,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.config import STRATEGIES
-from pretrain.model import GPT, GPTConfig
+from pretrain.config import STRATEGIES, zero_bucket_elements
+from pretrain.model import GPT, LOSS_CHUNK_BYTES, GPTConfig
 
 # Cheapest communication first: replicated (one all-reduce of gradients) < ZeRO-1 (reduce-
 # scatter + all-gather, same volume) < ZeRO-2 < FSDP SHARD_GRAD_OP (one parameter all-gather
@@ -142,7 +147,7 @@ AUTOCAST = ("single", "ddp")
 GB = 1e9
 DEFAULT_VOCAB = 50304  # GPT-2's 50257 ids rounded up to a multiple of 64 (nanoGPT)
 ZERO3_PERSISTENCE_THRESHOLD = 0  # stage3_param_persistence_threshold as pretrain.engine sets it
-REDUCE_BUCKET_SIZE = 50_000_000  # elements; the default of strategy.reduce_bucket_size
+REDUCE_BUCKET_SIZE = 0  # elements; strategy.reduce_bucket_size's default: sized to the model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +169,13 @@ class ModelSizes:
     """Elements of all nn.Linear weights (autocast keeps a 16-bit copy of each)."""
     largest_module: int
     """Parameters of the largest leaf module (the embedding, for GPT-2)."""
+    head: int = 0
+    """Elements of the output projection (an nn.Linear that autocast does not cast: the loss
+    casts it itself, see `loss_bytes`)."""
+    largest_param: int = 0
+    """Elements of the largest parameter (what initialisation and checkpointing hold whole)."""
+    width: int = 0
+    """n_embd (DeepSpeed's buckets are sized from it, `zero_bucket_elements`)."""
 
     @property
     def total(self) -> int:
@@ -185,6 +197,7 @@ class ModelSizes:
             n_blocks=0,
             linear_weights=int(psi),
             largest_module=int(psi),
+            largest_param=int(psi),
         )
 
 
@@ -208,7 +221,9 @@ def _sizes(key: tuple[Any, ...]) -> ModelSizes:
         if isinstance(module, nn.Linear) and id(module.weight) not in seen:
             seen.add(id(module.weight))
             linear += module.weight.numel()
-    return ModelSizes(shapes, block, cfg.n_layer, linear, largest)
+    head = model.lm_head.weight.numel()
+    largest_param = max(math.prod(sh) for sh in shapes)
+    return ModelSizes(shapes, block, cfg.n_layer, linear, largest, head, largest_param, cfg.n_embd)
 
 
 def model_sizes(cfg: GPTConfig) -> ModelSizes:
@@ -343,6 +358,23 @@ def _per_token(cfg: GPTConfig, seq_len: int, c: int, r: int, flash: bool) -> tup
     return layer, head, 4 * cfg.padded_vocab_size
 
 
+def loss_bytes(cfg: GPTConfig, tokens: int, c: int, autocast_copies: bool) -> int:
+    """Peak bytes of the chunked cross-entropy of `tokens` positions (`pretrain.model.LMHead`,
+    at the end of its forward, where it also computes its gradients): the fp32 weight gradient
+    [V, C], the gradient of the hidden states [N, C] (c bytes), one chunk of fp32 logits and
+    their softmax [rows, V] (plus a c-byte copy for the backward matmuls in 16-bit) and, in
+    16-bit, one chunk's weight gradient [V, C] before it is added in fp32. Under autocast over
+    an fp32 model (`autocast_copies`) the weight and the hidden states are cast copies too."""
+    V, C = cfg.padded_vocab_size, cfg.n_embd
+    rows = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * cfg.vocab_size)))
+    total = 4 * V * C + c * tokens * C + 4 * rows * cfg.vocab_size
+    if c != 4:
+        total += c * rows * cfg.vocab_size + c * cfg.vocab_size * C
+    if autocast_copies and c != 4:
+        total += c * cfg.vocab_size * C + c * tokens * C
+    return total
+
+
 def activation_bytes(
     cfg: GPTConfig,
     micro_batch: int,
@@ -353,7 +385,7 @@ def activation_bytes(
     fp32_residual: bool = False,
     flash_attention: bool = True,
 ) -> int:
-    """Peak bytes of activations (and the loss's logits) of one micro-batch on one rank.
+    """Peak bytes of activations (and the loss) of one micro-batch on one rank.
 
     fp32_residual: autocast over an fp32 model (the residual stream and norm inputs are fp32);
     flash_attention: SDPA's fused kernels (no s x s probabilities stored)."""
@@ -361,18 +393,18 @@ def activation_bytes(
         raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch}, {seq_len}")
     c = _bytes(precision)
     r = 4 if fp32_residual else c
-    layer, head, logit = _per_token(cfg, seq_len, c, r, flash_attention)
+    layer, head, _ = _per_token(cfg, seq_len, c, r, flash_attention)
     tokens = micro_batch * seq_len
-    loss_peak = head + 4 * logit  # logits + log-softmax + their gradients, all fp32
+    loss = loss_bytes(cfg, tokens, c, fp32_residual)
     if not activation_checkpointing:
-        return tokens * (cfg.n_layer * layer + loss_peak)
+        return tokens * (cfg.n_layer * layer + head) + loss
     kept = cfg.n_layer * r * cfg.n_embd  # each block's input
-    # Backward of the block being recomputed: its full activations, the fp32 logits (still
-    # held by the training step), the gradient of the block output and, net, one more MLP-width
-    # gradient (two for SwiGLU) while the MLP's backward runs.
+    # Backward of the block being recomputed: its full activations, the gradient of the block
+    # output and, net, one more MLP-width gradient (two for SwiGLU) while the MLP's backward
+    # runs. The loss is done by then (its backward runs first).
     grad_temps = r * cfg.n_embd + (2 if cfg.mlp == "swiglu" else 1) * c * cfg.mlp_hidden_size
-    recompute = layer + logit + grad_temps
-    return tokens * (kept + max(loss_peak, recompute))
+    recompute = layer + grad_temps
+    return max(tokens * (kept + head) + loss, tokens * (kept + recompute))
 
 
 def buffer_bytes(
@@ -391,16 +423,22 @@ def buffer_bytes(
     part = -(-psi // n)
     unit = max(sizes.root, sizes.block)
     if strategy in AUTOCAST:
-        copies = 2 * sizes.linear_weights if precision != "fp32" else 0
+        # autocast's 16-bit copy of every Linear weight but the output projection's (the loss
+        # makes that one, `loss_bytes`).
+        copies = 2 * (sizes.linear_weights - sizes.head) if precision != "fp32" else 0
         bucket = 4 * psi if strategy == "ddp" and world_size > 1 else 0
         return copies + bucket
     # DeepSpeed allocates its reduce bucket at full size, however small the model.
-    bucket = w * reduce_bucket_size
+    elems = zero_bucket_elements(sizes.width, reduce_bucket_size)
+    bucket = w * elems
     if strategy in ("zero1", "zero2"):
         return bucket + 4 * part  # + the fp32 gradient partition built for the step
     if strategy in ("zero3", "zero3_offload"):
-        gathered = w * (sizes.largest_module + sizes.block)
-        step = 4 * part if strategy == "zero3" else 0  # offloaded: the fp32 gradient is on the CPU
+        # The module being computed, gathered, and one prefetch bucket.
+        gathered = w * (sizes.largest_module + elems)
+        # The step flattens one sub-group's gradients (16-bit) into an fp32 copy; offloaded, the
+        # fp32 gradient lives on the CPU.
+        step = (w + 4) * zero3_sub_group(sizes, n, elems) if strategy == "zero3" else 0
         return gathered + bucket + step
     # FSDP2: unsharded root + current and prefetched block (fsdp, hsdp) or every block
     # (fsdp_grad_op), plus one unit's unsharded gradients (compute dtype + fp32 reduce copy).
@@ -434,9 +472,21 @@ class MemoryEstimate:
     buffers: int
     cpu_bytes: int = 0
     total: int = field(init=False)
+    phases: dict[str, PhasePeak] = field(default_factory=dict)
+    """The peak of each phase (init, train, save, resume), set by `estimate`."""
 
     def __post_init__(self) -> None:
         self.total = self.params + self.grads + self.optim + self.activations + self.buffers
+
+    @property
+    def peak(self) -> int:
+        """The largest accelerator peak of any phase: what must fit."""
+        return max((p.device for p in self.phases.values()), default=self.total)
+
+    @property
+    def host_peak(self) -> int:
+        """The largest host-memory peak of any phase."""
+        return max((p.host for p in self.phases.values()), default=self.cpu_bytes)
 
     @property
     def model_states(self) -> int:
@@ -458,9 +508,13 @@ def estimate(
     offload_params: bool = True,
     reduce_bucket_size: int = REDUCE_BUCKET_SIZE,
     zero3_persistence_threshold: int = ZERO3_PERSISTENCE_THRESHOLD,
+    device: str = "cuda",
 ) -> MemoryEstimate:
     """Per-rank memory of training `model_cfg` with `strategy` on `world_size` ranks (`nodes`
-    nodes, for hsdp), micro-batches of `micro_batch` x `seq_len` tokens, Adam(W)."""
+    nodes, for hsdp), micro-batches of `micro_batch` x `seq_len` tokens, Adam(W); `.phases`
+    holds the peak of each phase of the run (`_phases`), on `device` ("cuda" or "cpu")."""
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: choose cuda or cpu")
     if seq_len > model_cfg.block_size:
         raise ValueError(
             f"seq_len={seq_len} is longer than model.block_size={model_cfg.block_size}"
@@ -492,7 +546,7 @@ def estimate(
         nodes,
         reduce_bucket_size=reduce_bucket_size,
     )
-    return MemoryEstimate(
+    e = MemoryEstimate(
         strategy=strategy,
         world_size=world_size,
         shard_size=states.shard_size,
@@ -505,6 +559,146 @@ def estimate(
         buffers=buffers,
         cpu_bytes=states.cpu_bytes,
     )
+    e.phases = _phases(e, sizes, device, reduce_bucket_size)
+    return e
+
+
+def zero3_sub_group(sizes: ModelSizes, n: int, elems: int) -> int:
+    """Elements of ZeRO-3's largest optimizer sub-group on a rank: sub_group_size (= the
+    bucket, as pretrain.engine sets it), or one parameter's partition if larger, at most the
+    rank's whole partition."""
+    return min(-(-sizes.total // n), max(elems, -(-sizes.largest_param // n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Peaks of each phase of a run: initialisation, training, saving, resuming
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhasePeak:
+    """Peak bytes per rank during one phase: on the accelerator (`device`) and in host memory
+    (`host`: offloaded states, checkpoint staging). On a CPU-only machine they are one memory:
+    `total`."""
+
+    device: int
+    host: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.device + self.host
+
+
+PHASES = ("init", "train", "save", "resume")
+
+
+def phase_peaks(
+    model_cfg: GPTConfig,
+    strategy: str,
+    world_size: int,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    activation_checkpointing: bool = False,
+    nodes: int = 1,
+    **kw: Any,
+) -> dict[str, PhasePeak]:
+    """`estimate(...).phases`: the per-rank peak of each phase of a run (see `_phases`)."""
+    e = estimate(
+        model_cfg, strategy, world_size, micro_batch, seq_len, precision,
+        activation_checkpointing, nodes, **kw,
+    )  # fmt: skip
+    return e.phases
+
+
+def _phases(e: MemoryEstimate, sizes: ModelSizes, device: str, bucket: int) -> dict[str, PhasePeak]:
+    """Per-rank peaks of the four phases of a run under `pretrain.engine` (`device` "cuda" or
+    "cpu"), each the memory held plus the phase's largest transient:
+
+        init    `Engine.build`: the parameters as the strategy keeps them (sharded where it
+                shards: created on the meta device, or partitioned by DeepSpeed as created),
+                DeepSpeed's fp32 masters and preallocated buffers, DDP's buckets, plus one full
+                fp32 parameter (each rank computes one initial value at a time)
+        train   `estimate(...).total`, plus AdamW's temporaries on CPU (torch's per-tensor
+                AdamW makes two fp32 temporaries the size of the tensor it steps: a parameter,
+                or DeepSpeed's flat partition or ZeRO-3 sub-group; on CUDA the fused AdamW
+                makes none)
+        save    the states after a step (torch strategies free their gradients) plus one
+                checkpoint item (DCP copies a view to write it; on CUDA that copy is in host
+                memory): every rank writes only its own part
+        resume  the init state, the optimizer state created to be loaded into (zero
+                gradients and one step's temporaries: all parameters at once for torch's
+                state-dict API, one partition at a time for ZeRO), plus one item read
+
+    Nothing in a save or resume is the size of the model: no rank gathers full weights or
+    moments (at 7B that was 12 bytes per parameter per rank of host memory)."""
+    strategy, world_size = e.strategy, e.world_size
+    n = e.shard_size
+    w = _bytes(e.precision)
+    psi = sizes.total
+    part = -(-psi // n)
+    largest = sizes.largest_param
+    elems = zero_bucket_elements(sizes.width, bucket)
+    cpu = device == "cpu"
+    offload = strategy == "zero3_offload"
+    ddp_buckets = 4 * psi if strategy == "ddp" and world_size > 1 else 0
+    # One full fp32 parameter: an initial value being computed (in host memory, always).
+    initial_value = 4 * largest
+    # A checkpoint item: the largest piece of one tensor a rank writes or reads. DCP copies it
+    # (a view of a larger buffer is copied to be written; what is read is read whole first), in
+    # host memory on CUDA.
+    item = 4 * (largest if strategy in AUTOCAST else -(-largest // n))
+
+    # The tensor the optimizer steps at once, and the zero gradients torch's state-dict API
+    # gives all parameters at once (ZeRO: one partition at a time) to create the state.
+    if strategy in AUTOCAST:
+        stepped, zero_grads = largest, 4 * psi
+    elif strategy in FSDP:
+        stepped, zero_grads = -(-largest // n), 4 * part
+    elif strategy in ("zero1", "zero2"):
+        stepped = part  # the flat fp32 partition of the largest param group
+        zero_grads = 4 * part
+    else:
+        stepped = zero3_sub_group(sizes, n, elems)
+        zero_grads = 4 * stepped
+    # torch's per-tensor (unfused) AdamW, the CPU default: two fp32 temporaries of that size.
+    adam_temps = 8 * stepped if cpu else 0
+
+    moments = 8 * (part if strategy not in AUTOCAST else psi)
+    if strategy in DEEPSPEED:
+        moments = e.optim * 2 // 3 if not offload else 8 * part
+    masters = e.optim - moments if strategy in DEEPSPEED and not offload else 0
+    # What a rank holds once built (no gradients, no Adam moments yet), device and host.
+    if offload:
+        built = (0, e.cpu_bytes - moments)  # 16-bit params and grads, fp32 master and grad
+    elif strategy in DEEPSPEED:
+        # fp32 masters, the reduce bucket, and ZeRO-2/3's gradient partition (allocated at
+        # initialisation).
+        kept_grads = e.grads if strategy != "zero1" else 0
+        built = (e.params + masters + w * elems + kept_grads, 0)
+    else:
+        built = (e.params + ddp_buckets, 0)
+    # ZeRO-1/2 copy the 16-bit model into one flat buffer, ZeRO-3 its partitions into flat
+    # sub-groups: for a moment both exist.
+    flatten = e.params if strategy in ("zero1", "zero2", "zero3") else 0
+    init = PhasePeak(built[0] + flatten, built[1] + initial_value)
+
+    train = PhasePeak(
+        e.total + (0 if offload else adam_temps), e.cpu_bytes + (adam_temps if offload else 0)
+    )
+    # After a step: activations and transient buffers are gone, torch strategies have freed
+    # their gradients (ZeRO keeps its gradient partition).
+    after_step = (built[0], built[1] + moments) if offload else (built[0] + moments, built[1])
+    save = PhasePeak(after_step[0] + (item if cpu else 0), after_step[1] + (0 if cpu else item))
+    # A resumed process builds (init), then creates the optimizer state it loads into, then
+    # reads one item at a time.
+    create = zero_grads + adam_temps
+    loaded = PhasePeak(
+        after_step[0] + (0 if offload else max(create, item if cpu else 0)),
+        after_step[1] + (create if offload else 0) + (0 if cpu else item),
+    )
+    resume = PhasePeak(max(init.device, loaded.device), max(init.host, loaded.host))
+    return {"init": init, "train": train, "save": save, "resume": resume}
 
 
 def candidates(world_size: int, nodes: int = 1) -> list[str]:
@@ -556,7 +750,7 @@ def recommend(
     host_budget = host_memory_gb * GB / ranks_per_node if host_memory_gb > 0 else math.inf
 
     def fits(e: MemoryEstimate) -> bool:
-        return e.total <= budget and e.cpu_bytes <= host_budget
+        return e.peak <= budget and e.host_peak <= host_budget
 
     def est(s: str, ac: bool, mb: int = micro_batch, ws: int = world_size) -> MemoryEstimate:
         return estimate(model_cfg, s, ws, mb, seq_len, precision, ac, nodes, **kw)
@@ -566,22 +760,22 @@ def recommend(
         e = est(s, activation_checkpointing)
         if fits(e):
             why = (
-                f"{s}: the cheapest in communication that fits ({e.total / GB:.2f} GB of "
+                f"{s}: the cheapest in communication that fits ({e.peak / GB:.2f} GB of "
                 f"{budget / GB:.2f} GB usable = {usable_fraction:.0%} of {device_memory_gb:g} GB"
             )
             cheaper = names[: names.index(s)]
             if cheaper:
                 needs = ", ".join(
-                    f"{c} {est(c, activation_checkpointing).total / GB:.2f}" for c in cheaper
+                    f"{c} {est(c, activation_checkpointing).peak / GB:.2f}" for c in cheaper
                 )
                 why += f"; cheaper ones need {needs} GB"
             return Recommendation(s, why + ").")
 
     # Nothing fits: say by how much, and what would make it fit.
-    best = min(names, key=lambda s: est(s, activation_checkpointing).total)
+    best = min(names, key=lambda s: est(s, activation_checkpointing).peak)
     e = est(best, activation_checkpointing)
     lines = [
-        f"nothing fits: the smallest is {best} at {e.total / GB:.2f} GB per rank "
+        f"nothing fits: the smallest is {best} at {e.peak / GB:.2f} GB per rank "
         f"(activations {e.activations / GB:.2f} GB) > {budget / GB:.2f} GB usable."
     ]
     if not activation_checkpointing:
@@ -589,7 +783,7 @@ def recommend(
             if fits(est(s, True)):
                 lines.append(
                     f"Set activation_checkpointing=true: {s} then needs "
-                    f"{est(s, True).total / GB:.2f} GB."
+                    f"{est(s, True).peak / GB:.2f} GB."
                 )
                 break
     for ac in (activation_checkpointing, True):
@@ -614,9 +808,9 @@ def recommend(
         ):
             lines.append(f"Or shard over more ranks: {sharded} fits at world_size={ws}.")
             break
-    if host_budget < math.inf and e.cpu_bytes > host_budget:
+    if host_budget < math.inf and e.host_peak > host_budget:
         lines.append(
-            f"zero3_offload's CPU part ({e.cpu_bytes / GB:.2f} GB per rank) exceeds the host's "
+            f"{best}'s host part ({e.host_peak / GB:.2f} GB per rank) exceeds the host's "
             f"{host_budget / GB:.2f} GB per rank."
         )
     return Recommendation(None, " ".join(lines))
@@ -663,6 +857,9 @@ class PlanConfig:
     """Host memory per node for zero3_offload's CPU part (0 = not checked)."""
     activation_checkpointing: bool = False
     """Recommend with activation checkpointing (both are printed)."""
+    device: str = "cuda"
+    """cuda or cpu: on CPU, torch's AdamW (unfused) makes temporaries the size of each tensor it
+    steps, and the device and the host are one memory."""
     flash_attention: bool = True
     """SDPA flash/memory-efficient attention (no s x s attention matrix stored)."""
     offload_params: bool = True
@@ -716,15 +913,19 @@ def plan_report(cfg: Any) -> tuple[str, Recommendation | None]:
         flash_attention=cfg.flash_attention,
         offload_params=cfg.offload_params,
         reduce_bucket_size=cfg.reduce_bucket_size,
+        device=cfg.device,
     )
     args = (cfg.world_size, cfg.micro_batch, seq_len, cfg.precision)
+    ac = bool(cfg.activation_checkpointing)
     rows = []
     for s in names:
         off = estimate(mc, s, *args, False, cfg.nodes, **kw)
         on = estimate(mc, s, *args, True, cfg.nodes, **kw)
-        rows.append((s, off, on))
+        rows.append((s, off, on, (on if ac else off).phases))
     psi = model_sizes(mc).total
-    largest = max(max(off.total, on.total, off.cpu_bytes) for _, off, on in rows)
+    largest = max(
+        max(off.total, on.total, *(p.total for p in ph.values())) for _, off, on, ph in rows
+    )
     unit, uname = (GB, "GB") if largest >= GB else (1e6, "MB")
     budget = cfg.device_memory_gb * GB * cfg.usable_fraction
     out = [
@@ -732,8 +933,10 @@ def plan_report(cfg: Any) -> tuple[str, Recommendation | None]:
         f"n_embd={mc.n_embd}, vocab {mc.padded_vocab_size}), world_size={cfg.world_size}, "
         f"nodes={cfg.nodes}, micro_batch={cfg.micro_batch}, seq_len={seq_len}, "
         f"precision={cfg.precision}",
-        f"{uname} ({'1e9' if uname == 'GB' else '1e6'} bytes). act = activations, AC = with "
-        "activation checkpointing, buffers = transient/communication, cpu = host memory",
+        f"{uname} ({'1e9' if uname == 'GB' else '1e6'} bytes) on the {cfg.device}. act = "
+        "activations, AC = with activation checkpointing, buffers = transient/communication; "
+        f"train, init, save, resume = peak of each phase{' (with AC)' if ac else ''}; host = "
+        "the largest host-memory peak of any phase (offloaded states, checkpoint staging)",
         "",
     ]
     head = (
@@ -745,15 +948,17 @@ def plan_report(cfg: Any) -> tuple[str, Recommendation | None]:
         "buffers",
         "act",
         "act+AC",
-        "total",
-        "total+AC",
-        "cpu",
+        "train",
+        "train+AC",
+        "init",
+        "save",
+        "resume",
+        "host",
         "fits",
     )
     table = [head]
-    for s, off, on in rows:
-        chosen = on if cfg.activation_checkpointing else off
-        ok = chosen.total <= budget
+    for s, off, on, ph in rows:
+        ok = max(p.device for p in ph.values()) <= budget
         table.append(
             (
                 s,
@@ -766,7 +971,10 @@ def plan_report(cfg: Any) -> tuple[str, Recommendation | None]:
                 _fmt(on.activations, unit),
                 _fmt(off.total, unit),
                 _fmt(on.total, unit),
-                _fmt(off.cpu_bytes, unit),
+                _fmt(ph["init"].device, unit),
+                _fmt(ph["save"].device, unit),
+                _fmt(ph["resume"].device, unit),
+                _fmt(max(p.host for p in ph.values()), unit),
                 "yes" if ok else "no",
             )
         )
@@ -779,7 +987,7 @@ def plan_report(cfg: Any) -> tuple[str, Recommendation | None]:
         )
     out.append("")
     out.append(
-        f"fits = total{'+AC' if cfg.activation_checkpointing else ''} <= {budget / GB:.2f} GB "
+        f"fits = every phase's peak{' (with AC)' if ac else ''} <= {budget / GB:.2f} GB "
         f"({cfg.usable_fraction:.0%} of device_memory_gb={cfg.device_memory_gb:g})"
     )
     rec = None

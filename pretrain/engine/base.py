@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -30,12 +30,12 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from pretrain import dist as pdist
 from pretrain.config import Config
@@ -113,6 +113,24 @@ def ensure_process_group(cfg: Config) -> None:
     )
 
 
+def release_host_memory() -> None:
+    """Give the host memory that freed tensors leave in the C heap back to the OS (glibc's
+    malloc_trim; a no-op elsewhere). Building a model allocates and frees many transients
+    (each rank's full initial value of one parameter at a time, DeepSpeed's partitioning
+    copies): without this they stay resident, in every process, for the rest of the run."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def log0(msg: str) -> None:
     """One line on stdout from global rank 0 only."""
     if pdist.is_main():
@@ -182,6 +200,7 @@ class Engine(ABC):
         self.name = cfg.strategy.name
         self.num_params = 0  # of the plain model (a tied matrix once); set by build()
         self.why = ""  # how the strategy was chosen (create_engine), for the banner
+        self._skeleton: GPT | None = None  # the model on the meta device; set by build()
 
     # -- process facts ----------------------------------------------------------------------
     @property
@@ -220,21 +239,99 @@ class Engine(ABC):
 
     # -- the strategy ----------------------------------------------------------------------
     def build(self, model_cfg: GPTConfig, make_optimizer: OptimizerFactory) -> None:
-        """Create the model and apply parallelism to it, in this order: create (from
-        `run.seed`: the same initial weights under every strategy and world size),
-        activation checkpointing, compile, then wrap or shard with the optimizer (`setup`)."""
-        torch.manual_seed(self.cfg.run.seed)
-        model = GPT(model_cfg)
-        self.num_params = model.num_params()
+        """Create the model and apply parallelism to it, in this order: create (on the meta
+        device, or partitioned as it is created, so no rank allocates what it will not keep:
+        `create`), activation checkpointing, compile, wrap or shard with the optimizer
+        (`setup`), then initialise each rank's part from `run.seed` (`init_weights`): the
+        same initial weights as a single process, under every strategy and world size."""
+        with torch.device("meta"):
+            self._skeleton = GPT(model_cfg)  # names, shapes, init rules; no memory
+        model = self.create(model_cfg)
+        self.num_params = self.skeleton.num_params()
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         if self.cfg.train.compile:
             # In place: parameter names (and so checkpoints) stay those of the plain model.
             model.compile()
         self.setup(model, make_optimizer)
+        self.init_weights(self.cfg.run.seed)
+        release_host_memory()
+
+    def create(self, model_cfg: GPTConfig) -> GPT:
+        """The model, without memory: on the meta device. `setup` gives it storage (whole, or
+        only this rank's shards) and `init_weights` its values."""
+        with torch.device("meta"):
+            return GPT(model_cfg)
+
+    def adopt(self, model: nn.Module) -> None:
+        """Start `setup`: remember the plain model (and a meta copy of it, for the names,
+        shapes and initial values of its parameters, if `build` did not make one)."""
+        self.raw_model = model
+        if self._skeleton is None:
+            with torch.device("meta"):
+                self._skeleton = GPT(model.cfg)  # type: ignore[arg-type]
+
+    @property
+    def skeleton(self) -> GPT:
+        """The model on the meta device: its parameters' names, shapes and initial values,
+        whatever the strategy has made of the real ones (DTensors, ZeRO partitions)."""
+        if self._skeleton is None:
+            raise RuntimeError("Engine.build (or setup) has not run yet")
+        return self._skeleton
 
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        """Wrap `model` for the strategy, then build its optimizer (after sharding)."""
+        """Wrap `model` for the strategy (a meta model gets this rank's storage; a real one
+        keeps its values), then build its optimizer (after sharding)."""
+
+    def init_weights(self, seed: int) -> None:
+        """Give every parameter its initial value, `GPT.initial_value(name, seed)`: each rank
+        computes one full parameter at a time and keeps its own part of it, so memory beyond
+        the shards is one parameter, whatever the model size and world size."""
+        skeleton = self.skeleton
+        self._load_full((name, skeleton.initial_value(name, seed)) for name in self._param_names())
+
+    def load_model_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load full (unsharded) model weights, `GPT.state_dict()`'s keys and shapes (a tied
+        matrix under either or both of its names), into the wrapped model under any strategy:
+        each rank keeps its own part. The optimizer state is untouched. Every rank must pass
+        the same weights (e.g. each reads the same file)."""
+        names = self._param_names()
+        aliases = set(self.skeleton.state_dict()) - set(names)
+        missing = [n for n in names if n not in state_dict]
+        unexpected = sorted(set(state_dict) - set(names) - aliases)
+        if missing or unexpected:
+            raise ValueError(
+                f"load_model_weights: the weights do not match the model (missing {missing}, "
+                f"unexpected {unexpected}): pass a state dict of GPT({self.skeleton.cfg})"
+            )
+        shapes = dict(self.skeleton.named_parameters())
+        for name in names:
+            if tuple(state_dict[name].shape) != tuple(shapes[name].shape):
+                raise ValueError(
+                    f"load_model_weights: {name} has shape {tuple(state_dict[name].shape)}, "
+                    f"the model's is {tuple(shapes[name].shape)}"
+                )
+        self._load_full((name, state_dict[name]) for name in names)
+
+    def _param_names(self) -> list[str]:
+        """Names of the model's parameters, a tied matrix once (named_parameters() order)."""
+        return [name for name, _ in self.skeleton.named_parameters()]
+
+    @torch.no_grad()
+    def _load_full(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy full tensors, one (name, value) at a time, into this rank's part of each
+        parameter. The default: parameters are whole (single, ddp) or DTensors (FSDP)."""
+        params = dict(self.raw_model.named_parameters())
+        for name, full in items:
+            p = params[name]
+            if isinstance(p, DTensor):
+                # This rank's shard of `full`: the box DCP would save it as (no communication,
+                # every rank has `full`).
+                (chunk,) = p.__create_chunk_list__()
+                box = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))
+                p.to_local().copy_(full[box])
+            else:
+                p.copy_(full)
 
     @abstractmethod
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
@@ -269,12 +366,17 @@ class Engine(ABC):
         torch's state-dict API covers plain, DDP and FSDP2 modules alike: names come without
         wrapper prefixes, and DTensor shards are written once and resharded by DCP on load."""
         state: dict[str, Any] = {
-            "model": get_model_state_dict(self.model),
+            "model": self.model_state_dict(),
             "optim": get_optimizer_state_dict(self.model, self.optimizer),
         }
         if getattr(self, "scaler", None) is not None and self.scaler.is_enabled():
             state["scaler"] = scaler_state_of(self.scaler)
         return state
+
+    def model_state_dict(self) -> dict[str, Any]:
+        """The "model" part of `state_dict()` alone: this rank's part of the fp32 weights, by
+        parameter name (no optimizer state is created for it)."""
+        return get_model_state_dict(self.model)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict`; `state` has the structure `state_dict()` returned."""
@@ -283,15 +385,6 @@ class Engine(ABC):
         scaler = getattr(self, "scaler", None)
         if "scaler" in state and scaler is not None and scaler.is_enabled():
             load_scaler_state(scaler, state["scaler"])
-
-    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Set the model's weights from `weights`, a full (unsharded) state dict of the plain
-        model keyed by parameter name, the same tensors on every rank; the optimizer is left
-        as it is. This is `train.init_from`: a new run that starts from trained weights."""
-        full: dict[str, Any] = dict(weights)
-        set_model_state_dict(
-            self.model, full, options=StateDictOptions(full_state_dict=True, strict=True)
-        )
 
     def save_native(self, path: str) -> None:  # noqa: B027 - optional hook
         """Also save the backend's own checkpoint format (DeepSpeed writes one)."""

@@ -17,12 +17,17 @@ from pretrain.engine.base import Engine, OptimizerFactory
 
 class DDPEngine(Engine):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        self.raw_model = model
+        self.adopt(model)
         if self.world_size > 1 and self.name == "single":
             raise ConfigError(
                 f"strategy=single runs one process, but {self.world_size} were launched: "
                 "use strategy=ddp (or a sharded strategy) for multi-process runs"
             )
+        # Replicated: every rank holds the whole model. From the meta device it gets storage
+        # here and its values in init_weights (DDP's first broadcast then copies garbage, which
+        # every rank overwrites with the same initial values).
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=self.device)
         model = model.to(self.device)
         optimizer = make_optimizer(model)
         # prepare() wraps in DistributedDataParallel when there are several processes.

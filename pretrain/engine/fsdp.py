@@ -14,7 +14,8 @@ rank stores 1/N of the weights, gradients (reduce-scattered in backward) and Ada
                   backward (one all-gather per step, more memory); gradients and optimizer
                   state stay sharded (ZeRO-2 memory).
     hsdp          a 2-D mesh (replicate, shard): shard within a node, replicate across nodes
-                  (gradients reduce-scattered within and all-reduced across).
+                  (gradients reduce-scattered within after every micro-batch, all-reduced
+                  across on the last micro-batch of a step only).
     offload       CPUOffloadPolicy: sharded parameters, gradients and optimizer state live in
                   host memory; the optimizer steps on CPU (the ZeRO-3-offload stand-in).
 
@@ -107,9 +108,10 @@ class FSDPEngine(Engine):
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         ensure_process_group(self.cfg)  # a lone process shards over a group of one
-        self.raw_model = model
+        self.adopt(model)
         self.mesh = self.build_mesh()
-        if not self.offload:
+        meta = any(p.is_meta for p in model.parameters())
+        if not self.offload and not meta:
             model.to(self.device)
         low = self.dtype != torch.float32
         mp = MixedPrecisionPolicy(
@@ -132,6 +134,10 @@ class FSDPEngine(Engine):
         for block in blocks_of(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+        if meta:
+            # Sharded on the meta device, now given storage for this rank's shards only
+            # (init_weights fills them).
+            model.to_empty(device="cpu" if self.offload else self.device)
         self.model = model
         # After sharding: the optimizer state is allocated on the local shards only.
         self.optimizer = make_optimizer(model)
@@ -142,8 +148,12 @@ class FSDPEngine(Engine):
 
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
         # No autocast: FSDP casts the parameters to param_dtype itself. Gradients are
-        # reduce-scattered after every micro-batch and accumulate in the (sharded) .grad, so
-        # memory stays 1/N during accumulation.
+        # reduce-scattered after every micro-batch and accumulate sharded, so memory stays 1/N
+        # during accumulation. hsdp all-reduces them across replicas (the slow, inter-node
+        # links) once per step, on the last micro-batch; until then the replica's partial sum
+        # accumulates in the shard.
+        if self.hybrid:
+            self.model.set_requires_all_reduce(last)  # type: ignore[operator]
         _, loss = self.model(x, y)
         self.scaler.scale(loss / self.accum).backward()
         return loss.detach().float()

@@ -15,27 +15,39 @@ DeepSpeed's engine divides each loss by its `gradient_accumulation_steps` (= acc
 `backward`, and reduces/steps only at a boundary; we set the boundary explicitly on every
 micro-batch (`last`), so DeepSpeed's own micro-step counter never decides anything.
 
-Portable state: `state_dict` assembles full fp32 weights and AdamW moments per parameter name
-from DeepSpeed's tensor-fragment API (`safe_get_full_fp32_param`,
-`safe_get_full_optimizer_state`: collectives, every rank calls them), in exactly the layout
-`get_model_state_dict`/`get_optimizer_state_dict` give for the plain model, so a ZeRO
-checkpoint loads under FSDP, DDP or one process, and vice versa. `save_native` also writes
-DeepSpeed's own checkpoint (with its `zero_to_fp32.py`).
+Creation: ZeRO-3 builds the model inside DeepSpeed's `zero.Init` (each module partitioned as
+it is created); ZeRO-1/2 (which keep whole 16-bit weights on every rank) from the meta device
+straight in the compute dtype. Either way each rank then writes its own part of the exact fp32
+initial values into its master partition (`init_weights`).
+
+Portable, sharded state: `state_dict` presents each rank's own fragments of the fp32 master
+weights and of AdamW's moments (views into DeepSpeed's flat partitions, found through the one
+adapter over DeepSpeed's internals, `deepspeed_state.py`) as ShardedTensors of each parameter's
+full shape (`fragments.py`), keyed by parameter name exactly as `get_model_state_dict` /
+`get_optimizer_state_dict` key the plain model. DCP writes each rank's partition and reads into
+it in place: no rank gathers a full weight or moment at save or resume, and the checkpoint still
+loads under FSDP, DDP or one process, at any world size, and vice versa. `save_native` also
+writes DeepSpeed's own checkpoint (its partitions, with its `zero_to_fp32.py`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config, ConfigError, zero_bucket_elements
 from pretrain.engine.base import Engine, OptimizerFactory, scaler_state, storage_bytes
+from pretrain.engine.deepspeed_state import DeepSpeedState, Fragment
+from pretrain.engine.fragments import Layout, fragment_tensor, local_pieces
+from pretrain.model import GPT, GPTConfig
 
 # DeepSpeed 0.19 calls torch collectives that torch 2.13 has deprecated, once per bucket per step.
 warnings.filterwarnings(
@@ -87,7 +99,7 @@ def deepspeed_config(cfg: Config, world_size: int, accum: int) -> dict[str, Any]
     """The DeepSpeed config for strategy `cfg.strategy.name`, with the user's JSON on top."""
     name = cfg.strategy.name
     stage = STAGES[name]
-    bucket = int(cfg.strategy.reduce_bucket_size)
+    bucket = zero_bucket_elements(cfg.model.n_embd, cfg.strategy.reduce_bucket_size)
     zero: dict[str, Any] = {
         "stage": stage,
         "reduce_bucket_size": bucket,
@@ -102,6 +114,16 @@ def deepspeed_config(cfg: Config, world_size: int, accum: int) -> dict[str, Any]
             # under 1e5 elements whole on every rank): memory 1/N as with FSDP.
             stage3_param_persistence_threshold=0,
             stage3_gather_16bit_weights_on_model_save=False,
+            # Gathered parameters are released as soon as their module is done (DeepSpeed's
+            # 1e9-element defaults keep every parameter of a smaller model gathered between
+            # forward and backward: the whole 16-bit model on every rank).
+            stage3_max_live_parameters=2 * bucket,
+            stage3_max_reuse_distance=bucket,
+            # The optimizer steps the fp32 partition one sub-group at a time, each with an fp32
+            # copy of its gradients and AdamW's temporaries (about 14 bytes per element): in
+            # one sub-group of 1e9 elements (DeepSpeed's default) that is 14 bytes for every
+            # parameter a rank owns, more than its Adam state.
+            sub_group_size=bucket,
         )
     if name == "zero3_offload":
         pin = torch.cuda.is_available()
@@ -174,9 +196,27 @@ def unavailable_reason(cfg: Config, device_type: str) -> str | None:
 
 
 class ZeroEngine(Engine):
-    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        self.raw_model = model
+    def __init__(self, cfg: Config, accelerator: Any, accum: int = 1) -> None:
+        super().__init__(cfg, accelerator, accum)
         self.stage = STAGES[self.name]
+        self._layout: dict[str, Layout] | None = None
+
+    # -- build ------------------------------------------------------------------------------
+    def create(self, model_cfg: GPTConfig) -> GPT:
+        """ZeRO-3: created inside DeepSpeed's `zero.Init`, which partitions each module's
+        parameters as soon as the module exists, so no rank ever holds more than one module
+        whole (their values are set by `init_weights`). ZeRO-1/2 keep the whole 16-bit model
+        on every rank: on the meta device until `setup`."""
+        if self.stage != 3:
+            return super().create(model_cfg)
+        import deepspeed
+
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            return GPT(model_cfg, init=False)
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        self.adopt(model)
         ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
         user = (
             read_user_config(self.cfg.strategy.deepspeed_config)
@@ -186,13 +226,16 @@ class ZeroEngine(Engine):
         owned = {k: v for k, v in user.items() if k in LOOP_OWNED}
         check_geometry(merge(ds, owned), self.cfg, self.world_size, self.accum)
         self.accelerator.gradient_accumulation_steps = self.accum
+        if any(p.is_meta for p in model.parameters()):
+            # Straight into the compute dtype: DeepSpeed would cast an fp32 copy anyway.
+            model.to(self.dtype).to_empty(device=self.device)
 
         # Names of the parameters, taken before DeepSpeed re-points the optimizer at its flat
         # partitions: the first name of a tied parameter, as torch's state-dict API uses.
         self.param_names: dict[int, str] = {}
         for fqn, p in model.named_parameters():
             self.param_names.setdefault(id(p), fqn)
-        client = make_optimizer(model)
+        client = self._client_optimizer(model, make_optimizer)
         self.group_meta = [
             (
                 {k: copy.deepcopy(v) for k, v in g.items() if k != "params"},
@@ -204,8 +247,37 @@ class ZeroEngine(Engine):
 
         self.ds: Any = self.accelerator.prepare(model, client)[0]  # the DeepSpeedEngine
         self.model = self.ds
-        self.zero: Any = self.ds.optimizer  # DeepSpeedZeroOptimizer(_Stage3)
+        self.internals = DeepSpeedState(self.ds, self.params)
+        self.zero: Any = self.internals.zero  # DeepSpeedZeroOptimizer(_Stage3)
         self.optimizer = self.zero.optimizer  # our torch AdamW, now over flat fp32 partitions
+
+    def _client_optimizer(
+        self, model: nn.Module, make_optimizer: OptimizerFactory
+    ) -> torch.optim.Optimizer:
+        """Our torch optimizer over `model`'s parameters. A ZeRO-3 parameter created
+        partitioned has an empty `.data`, so the optimizer's choices that depend on shapes
+        (which parameters decay) are made on the meta copy, then pointed at the real ones."""
+        if self.stage != 3:
+            return make_optimizer(model)
+        real = dict(model.named_parameters())
+        twin_to_real = {id(p): real[name] for name, p in self.skeleton.named_parameters()}
+        client = make_optimizer(self.skeleton)
+        for group in client.param_groups:
+            group["params"] = [twin_to_real[id(p)] for p in group["params"]]
+        return client
+
+    @torch.no_grad()
+    def _load_full(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Write each rank's fragment of the fp32 master weights from full tensors, then the
+        16-bit weights from the masters: the masters are exact (in bf16 DeepSpeed would have
+        made them from the rounded 16-bit weights)."""
+        params = dict(self.raw_model.named_parameters())
+        for name, full in items:
+            frag = self.internals.fragment(params[name])
+            if frag is not None:
+                flat = full.reshape(-1).narrow(0, frag.start, frag.numel)
+                frag.master.copy_(flat.to(frag.master.device, torch.float32))
+        self.internals.copy_master_to_model()
 
     # -- training ---------------------------------------------------------------------------
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
@@ -219,8 +291,7 @@ class ZeroEngine(Engine):
     def optimizer_step(self, lr: float, max_norm: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if hasattr(self.zero, "clip_grad"):
-            self.zero.clip_grad = max_norm if max_norm > 0 else 0.0
+        self.internals.set_clip(max_norm)
         self.ds.set_gradient_accumulation_boundary(True)
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
@@ -236,176 +307,153 @@ class ZeroEngine(Engine):
         self.ds.train()
         return loss.detach().float()
 
-    # -- portable state ----------------------------------------------------------------------
-    def _flat_masters(self) -> list[tuple[int, torch.Tensor]]:
-        """(optimizer param-group index, flat fp32 master partition) pairs. ZeRO-3 hands its
-        sub-groups to the torch optimizer only for the duration of each step, so the optimizer's
-        own param_groups are empty between steps."""
-        zero = self.zero
-        if self.stage == 3:
-            return [
-                (zero.sub_group_to_group_id[i], flat)
-                for i, flat in enumerate(zero.fp32_partitioned_groups_flat)
-            ]
-        return list(enumerate(zero.single_partition_of_fp32_groups))
-
+    # -- portable state, sharded ---------------------------------------------------------------
     def _init_optimizer_state(self) -> None:
         """Create AdamW's state on the flat partitions if no step was taken yet (as torch's
-        state-dict API does: one step with zero gradients and lr 0, which moves nothing)."""
+        state-dict API does: a step with zero gradients and lr 0, which moves nothing), one
+        partition at a time so that the zero gradient and the step's temporaries exist for one
+        partition only."""
         opt = self.optimizer
-        flats = self._flat_masters()
+        flats = self.internals.flat_masters()
         if all(opt.state.get(flat) for _, flat in flats):
             return
         saved_params = [g["params"] for g in opt.param_groups]
         saved_lrs = [g["lr"] for g in opt.param_groups]
-        saved_grads = [flat.grad for _, flat in flats]
-        for g in opt.param_groups:
-            g["params"], g["lr"] = [], 0.0
         for gid, flat in flats:
-            opt.param_groups[gid]["params"].append(flat)
-            flat.grad = torch.zeros_like(flat)
-        opt.step()
-        for g, params, lr in zip(opt.param_groups, saved_params, saved_lrs):
-            g["params"], g["lr"] = params, lr
-        for (_, flat), grad in zip(flats, saved_grads):
-            flat.grad = grad
+            if opt.state.get(flat):
+                continue
+            for g in opt.param_groups:
+                g["params"], g["lr"] = [], 0.0
+            opt.param_groups[gid]["params"] = [flat]
+            saved_grad, flat.grad = flat.grad, torch.zeros_like(flat)
+            opt.step()
+            flat.grad = saved_grad
             step = opt.state[flat].get("step")
             if torch.is_tensor(step):
                 step.zero_()
             elif step is not None:
                 opt.state[flat]["step"] = 0
-
-    def _link_optimizer_state(self) -> None:
-        """Point every parameter's fragment at its slice of the optimizer state.
-
-        ZeRO-1/2 link these lazily after the first step, and only once: when that first step
-        ran before every param group had state, later groups stay unlinked. Re-linking is
-        cheap and idempotent. ZeRO-3 reads the state directly."""
-        if self.stage == 3:
-            return
-        from deepspeed.utils import lazy_init_hp_params_optimizer_state
-
-        zero = self.zero
-        for i, flat in self._flat_masters():
-            if self.optimizer.state.get(flat):
-                lazy_init_hp_params_optimizer_state(
-                    zero.bit16_groups[i], flat, self.optimizer.state
-                )
+        for g, params, lr in zip(opt.param_groups, saved_params, saved_lrs):
+            g["params"], g["lr"] = params, lr
 
     def _state_keys(self) -> list[str]:
         """Per-element optimizer state keys (exp_avg, exp_avg_sq for AdamW)."""
-        flat = self._flat_masters()[0][1]
+        flat = self.internals.flat_masters()[0][1]
         state = self.optimizer.state[flat]
         return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
 
     def _step_value(self) -> torch.Tensor:
-        flat = self._flat_masters()[0][1]
+        flat = self.internals.flat_masters()[0][1]
         step = self.optimizer.state[flat].get("step", 0)
         return torch.as_tensor(step, dtype=torch.float32).detach().cpu().clone().reshape(())
 
+    def _fragments(self) -> dict[str, Fragment | None]:
+        """This rank's fragment of every parameter, by name (a tied matrix once)."""
+        return {self.param_names[id(p)]: self.internals.fragment(p) for p in self.params}
+
+    def layout(self) -> dict[str, Layout]:
+        """Every rank's fragment of every parameter (name -> per rank [(start, numel,
+        device)]): one all-gather, the first time (partitions never move)."""
+        if self._layout is None:
+            mine = {
+                name: [] if f is None else [(f.start, f.numel, str(f.master.device))]
+                for name, f in self._fragments().items()
+            }
+            everyone: list[Any] = [mine]
+            if self.world_size > 1:
+                everyone = [None] * self.world_size
+                torch.distributed.all_gather_object(everyone, mine)
+            self._layout = {name: [r[name] for r in everyone] for name in mine}
+        return self._layout
+
+    def _sharded(self, name: str, frag: Fragment | None, view: torch.Tensor | None) -> Any:
+        """Parameter `name`'s tensor (its full shape) with this rank's `view` of `frag` as
+        local shards: a ShardedTensor over DeepSpeed's own storage."""
+        shape = self.skeleton.get_parameter(name).shape
+        pieces = [] if frag is None or view is None else [(frag.start, view)]
+        return fragment_tensor(shape, pieces, self.layout()[name])
+
+    def model_state_dict(self) -> dict[str, Any]:
+        """The fp32 master weights, each rank's own fragments as views (see `state_dict`)."""
+        canonical = {id(p): name for name, p in self.skeleton.named_parameters()}
+        weights = {
+            name: self._sharded(name, f, None if f is None else f.master)
+            for name, f in self._fragments().items()
+        }
+        model_sd: dict[str, Any] = {}
+        for fqn, t in self.skeleton.state_dict(keep_vars=True).items():
+            if id(t) in canonical and canonical[id(t)] in weights:
+                model_sd[fqn] = weights[canonical[id(t)]]  # a tied name: the same tensor
+            else:  # buffers are never partitioned
+                model_sd[fqn] = self.raw_model.state_dict()[fqn].detach().cpu().clone()
+        return model_sd
+
     def state_dict(self) -> dict[str, Any]:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
+        """The portable state with every tensor a view of this rank's own partition: model
+        weights are the fp32 masters, optimizer state AdamW's flat state, each presented to DCP
+        under its parameter's full shape (`fragment_tensor`). Nothing is gathered or copied;
+        DCP writes each rank's elements, and `Checkpointer.restore` loads into them in place."""
         self._init_optimizer_state()
-        self._link_optimizer_state()
-        full: dict[int, torch.Tensor] = {}
-        model_sd: dict[str, torch.Tensor] = {}
-        for fqn, t in self.raw_model.state_dict(keep_vars=True).items():
-            if isinstance(t, nn.Parameter) and t.requires_grad:
-                if id(t) not in full:
-                    # Collective: assembles the fp32 master copy from every rank's fragment.
-                    full[id(t)] = safe_get_full_fp32_param(t).detach().float().cpu()
-                model_sd[fqn] = full[id(t)]
-            else:
-                model_sd[fqn] = t.detach().cpu().clone()  # buffers are never partitioned
-
-        keys = self._state_keys()
-        step = self._step_value()
-        optim_state: dict[str, dict[str, torch.Tensor]] = {}
-        for p in self.params:
-            fqn = self.param_names[id(p)]
-            entry = {"step": step.clone()}
+        keys, step = self._state_keys(), self._step_value()
+        state = self.optimizer.state
+        optim_state: dict[str, dict[str, Any]] = {}
+        for name, f in self._fragments().items():
+            entry: dict[str, Any] = {"step": step.clone()}
             for key in keys:
-                entry[key] = safe_get_full_optimizer_state(p, key).detach().float().cpu()
-            optim_state[fqn] = entry
+                view = None if f is None else state[f.flat][key].narrow(0, f.offset, f.numel)
+                entry[key] = self._sharded(name, f, view)
+            optim_state[name] = entry
         current = {k: v for k, v in self.optimizer.param_groups[0].items() if k == "lr"}
         groups = [{**meta, **current, "params": list(names)} for meta, names in self.group_meta]
-        state: dict[str, Any] = {
-            "model": model_sd,
+        out: dict[str, Any] = {
+            "model": self.model_state_dict(),
             "optim": {"state": optim_state, "param_groups": groups},
         }
-        scaler = getattr(self.zero, "loss_scaler", None)
-        if self.dtype == torch.float16 and scaler is not None:
-            tracker = getattr(scaler, "cur_iter", 0) - getattr(scaler, "last_overflow_iter", -1)
-            state["scaler"] = scaler_state(float(scaler.cur_scale), max(0, tracker - 1))
-        return state
+        scale = self.internals.loss_scale()
+        if self.dtype == torch.float16 and scale is not None:
+            out["scaler"] = scaler_state(*scale)
+        return out
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
+        """Inverse of `state_dict`. After DCP loaded into the views `state_dict()` returned,
+        the fragments already hold the values and only the derived state is refreshed; values
+        from elsewhere (full tensors, or other ShardedTensors of ours) are copied in."""
         self._init_optimizer_state()
-        self._link_optimizer_state()
-        dev = self.device
+        shapes = {name: p.shape for name, p in self.skeleton.named_parameters()}
         model_sd, optim = state["model"], state["optim"]
         keys = self._state_keys()
-        for p in self.params:
-            fqn = self.param_names[id(p)]
-            safe_set_full_fp32_param(p, model_sd[fqn].to(dev, torch.float32))
+        for name, frag in self._fragments().items():
+            if frag is None:
+                continue
+            copy_fragment(frag.master, frag.start, model_sd[name], shapes[name])
             for key in keys:
-                safe_set_full_optimizer_state(p, optim["state"][fqn][key].to(dev), key)
+                view = self.optimizer.state[frag.flat][key].narrow(0, frag.offset, frag.numel)
+                copy_fragment(view, frag.start, optim["state"][name][key], shapes[name])
         steps = {float(entry["step"]) for entry in optim["state"].values() if "step" in entry}
         step = max(steps) if steps else 0.0
-        for _, flat in self._flat_masters():
+        for _, flat in self.internals.flat_masters():
             s = self.optimizer.state[flat]
             if torch.is_tensor(s.get("step")):
                 s["step"].fill_(step)
             else:
                 s["step"] = step
-        self._copy_master_to_model()
-        self.ds.global_steps = int(step)
-        self.ds.global_samples = (
-            int(step) * self.cfg.train.micro_batch * self.accum * (self.world_size)
-        )
-        scaler = getattr(self.zero, "loss_scaler", None)
-        if "scaler" in state and scaler is not None and hasattr(scaler, "cur_scale"):
-            scaler.cur_scale = float(state["scaler"]["scale"].item())
-
-    def load_model_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Write `weights` (full, by parameter name) into the fp32 master partitions, then
-        refresh the weights the model computes with; the optimizer state is not touched."""
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        for p in self.params:
-            full = weights[self.param_names[id(p)]]
-            safe_set_full_fp32_param(p, full.to(self.device, torch.float32))
-        self._copy_master_to_model()
-
-    def _copy_master_to_model(self) -> None:
-        """The fp32 master partitions were written; refresh the weights the model computes
-        with (ZeRO-1/2: all-gather the flat groups; ZeRO-3: the local parameter partitions)."""
-        if self.stage == 3:
-            for i in range(len(self.zero.fp16_groups)):
-                self.zero._reassign_or_swap_out_partitioned_parameters(i)
-        else:
-            self.zero.update_lp_params()
+        self.internals.copy_master_to_model()
+        samples = int(step) * self.cfg.train.micro_batch * self.accum * self.world_size
+        self.internals.set_progress(int(step), samples)
+        if "scaler" in state:
+            self.internals.set_loss_scale(float(state["scaler"]["scale"].item()))
 
     def save_native(self, path: str) -> None:
-        """DeepSpeed's own checkpoint (collective), readable by its `zero_to_fp32.py`."""
+        """DeepSpeed's own checkpoint (collective), readable by its `zero_to_fp32.py`: each
+        rank writes its own partition."""
         self.ds.save_checkpoint(path, tag=f"global_step{self.ds.global_steps}")
 
     # -- introspection -------------------------------------------------------------------------
     def memory_breakdown(self) -> dict[str, int]:
-        zero = self.zero
-        params: list[torch.Tensor] = [p.data for p in self.params]
-        params += [p.ds_tensor for p in self.params if hasattr(p, "ds_tensor")]
-        grads: list[torch.Tensor | None] = [p.grad for p in self.params]
-        for bucket in getattr(zero, "averaged_gradients", {}).values():
-            grads += [t for t in (bucket or []) if torch.is_tensor(t)]
-        for attr in ("grad_partitions_flat_buffer", "grads_in_partition"):
-            t = getattr(zero, attr, None)
-            if torch.is_tensor(t):
-                grads.append(t)
-        masters = [flat for _, flat in self._flat_masters()]
+        params = self.internals.param_tensors()
+        grads = self.internals.grad_tensors()
+        masters = [flat for _, flat in self.internals.flat_masters()]
         states = [
             v
             for s in self.optimizer.state.values()
@@ -424,3 +472,18 @@ class ZeroEngine(Engine):
             # (offload: a host-side copy of this rank's gradient partition)
             "master_grads": storage_bytes(grads + [m.grad for m in masters]) - g_bytes,
         }
+
+
+def copy_fragment(dst: torch.Tensor, start: int, src: torch.Tensor, shape: torch.Size) -> None:
+    """Fill `dst`, a parameter's elements [start, start + dst.numel()) flattened, from `src`:
+    the full tensor, or a ShardedTensor whose local shards are boxes of those elements (as
+    `state_dict` made them). A shard that already is `dst`'s storage (DCP loaded into it)
+    is left alone."""
+    for offsets, piece in local_pieces(src):
+        if piece.dim() == len(shape) and tuple(piece.shape) == tuple(shape):
+            dst.copy_(piece.reshape(-1).narrow(0, start, dst.numel()))  # the full tensor
+            continue
+        first = sum(o * math.prod(shape[i + 1 :]) for i, o in enumerate(offsets))
+        target = dst.narrow(0, first - start, piece.numel())
+        if target.data_ptr() != piece.data_ptr():
+            target.copy_(piece.reshape(-1))

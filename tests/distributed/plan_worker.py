@@ -2,7 +2,7 @@
 
 Run under torchrun (gloo, CPU): `plan_worker.py OUT [strategy:precision,...]`. For each case,
 in sequence in the same processes: build a small GPT (~3.3M parameters), wrap it with
-`pretrain.engine.create_engine` + `setup` (the training loop's own code; ZeRO with
+`pretrain.engine.create_engine` + `build` (the training loop's own code; ZeRO with
 strategy.fallback=error, so DeepSpeed really runs), train one optimizer step (so AdamW's state
 exists), run the micro-batch(es) of the next step so the gradients exist (the peak of
 model-state memory, just before the optimizer step), then add up the bytes of the tensors each
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from pretrain import dist  # noqa: E402
-from pretrain.model import GPT, GPTConfig  # noqa: E402
+from pretrain.model import GPTConfig  # noqa: E402
 
 MODEL: dict[str, Any] = dict(vocab_size=512, n_layer=4, n_head=4, n_embd=256, block_size=64)
 MICRO_BATCH, SEQ_LEN = 2, 64
@@ -144,9 +144,8 @@ def run_case(case: str) -> dict[str, Any]:
     accum = 2 if strategy == "zero1" else 1
     engine = create_engine(cfg, accum=accum)  # type: ignore[arg-type]
     assert engine.name == strategy, f"asked for {strategy}, the engine runs {engine.name}"
-    torch.manual_seed(1234)
     device = engine.device
-    engine.setup(GPT(GPTConfig(**MODEL)), lambda m: build_optimizer(m, cfg.optim, device))
+    engine.build(GPTConfig(**MODEL), lambda m: build_optimizer(m, cfg.optim, device))
     buckets: dict[int, int] = {}
     if strategy == "ddp":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

@@ -50,16 +50,67 @@ def global_batch(step: int, rows: int, seq_len: int) -> tuple[torch.Tensor, torc
 
 
 def full_tensors(tree: Any) -> Any:
-    """Copy of a state tree with every DTensor gathered to a full CPU tensor (a collective)."""
+    """Copy of a state tree with every DTensor or ShardedTensor (ZeRO's partitions) gathered to
+    a full CPU tensor (a collective)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
     if isinstance(tree, dict):
         return {k: full_tensors(v) for k, v in tree.items()}
     if isinstance(tree, list):
         return [full_tensors(v) for v in tree]
+    if isinstance(tree, ShardedTensor):
+        # Every rank adds its own boxes into zeros; the boxes of all ranks tile the tensor.
+        out = torch.zeros(tree.size(), dtype=torch.float64)
+        for shard in tree.local_shards():
+            box = tuple(
+                slice(o, o + n)
+                for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
+            )
+            out[box] = shard.tensor.double().cpu()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(out)
+        return out.float()
     if torch.is_tensor(tree):
         full = getattr(tree, "full_tensor", None)
         t = full() if callable(full) else tree
         return t.detach().float().cpu().clone()
     return tree
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameter storage this rank holds (meta: none; ZeRO-3: its partitions)."""
+    total = 0
+    for p in model.parameters():
+        for t in (p, getattr(p, "ds_tensor", None)):
+            if t is not None and not t.is_meta:
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+class AllReduceCounter:
+    """Counts torch.distributed.all_reduce calls (FSDP2's HSDP replica reduction is one)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.real = torch.distributed.all_reduce
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return self.real(*args, **kwargs)
+
+        torch.distributed.all_reduce = counting  # type: ignore[assignment]
+
+    def close(self) -> None:
+        torch.distributed.all_reduce = self.real  # type: ignore[assignment]
+
+
+def everyone(value: Any, world: int) -> list[Any]:
+    """`value` of every rank, in rank order (a collective)."""
+    if world == 1:
+        return [value]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 WORKER_KEYS = ("steps", "save_at")  # spec keys that set this script's options, not Hydra's
@@ -94,11 +145,19 @@ def run_one(args: argparse.Namespace, spec: str, load: str) -> dict[str, Any]:
     steps, save_at = options["steps"], options["save_at"]
     cfg = compose(config_name="config", overrides=overrides)
     engine = create_engine(cfg, accum=args.accum)  # type: ignore[arg-type]
-    torch.manual_seed(cfg.run.seed)
     model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))  # type: ignore[arg-type]
     t0 = time.perf_counter()
     device = engine.device
-    engine.setup(GPT(model_cfg), lambda m: build_optimizer(m, cfg.optim, device))
+    created: dict[str, int] = {}
+    create = engine.create
+
+    def spy(mc: GPTConfig) -> Any:  # what a rank holds right after creating the model
+        model = create(mc)
+        created["bytes"] = parameter_bytes(model)
+        return model
+
+    engine.create = spy  # type: ignore[method-assign]
+    engine.build(model_cfg, lambda m: build_optimizer(m, cfg.optim, device))
     setup_s = time.perf_counter() - t0
     rank, world = engine.rank, engine.world_size
     assert world == ws, (world, ws)
@@ -110,7 +169,13 @@ def run_one(args: argparse.Namespace, spec: str, load: str) -> dict[str, Any]:
         "engine": engine.name,
         "world_size": world,
         "precision": cfg.precision.dtype,
+        "created_bytes": everyone(created["bytes"], world),
+        "num_params": engine.num_params,
     }
+    # The initial weights (fp32 masters) against a single process's GPT(seed=run.seed).
+    reference = GPT(model_cfg, seed=cfg.run.seed).state_dict()
+    initial = full_tensors(engine.model_state_dict())
+    record["init_max_diff"] = max(float((initial[k] - v).abs().max()) for k, v in reference.items())
     start = 0
     if load:
         template = engine.state_dict()
@@ -120,6 +185,7 @@ def run_one(args: argparse.Namespace, spec: str, load: str) -> dict[str, Any]:
         record["loaded_state"] = full_tensors(engine.state_dict()) if args.dump else None
 
     losses, norms, memory = [], [], None
+    all_reduces: list[int] = []
     t0 = time.perf_counter()
     for step in range(start, start + steps):
         x, y = global_batch(step, B * A * world, T)
@@ -127,15 +193,14 @@ def run_one(args: argparse.Namespace, spec: str, load: str) -> dict[str, Any]:
         for m in range(A):
             rows = slice(m * B * world + rank * B, m * B * world + rank * B + B)
             xb, yb = x[rows].to(engine.device), y[rows].to(engine.device)
+            counter = AllReduceCounter() if world > 1 else None
             step_loss += engine.micro_step(xb, yb, m == A - 1).cpu() / A
+            if counter is not None:
+                counter.close()
+                if step == start:
+                    all_reduces.append(counter.calls)
         if step == start + steps - 1:
-            mine = engine.memory_breakdown()
-            everyone: list[Any] = [None] * world
-            if world > 1:
-                torch.distributed.all_gather_object(everyone, mine)
-            else:
-                everyone = [mine]
-            memory = everyone
+            memory = everyone(engine.memory_breakdown(), world)
         lr = lr_at(step, cfg.train.max_steps, cfg.optim.lr, cfg.schedule)
         norm = engine.optimizer_step(lr, cfg.optim.grad_clip)
         losses.append(float(engine.all_reduce_mean(step_loss.to(engine.device)).item()))
@@ -150,12 +215,24 @@ def run_one(args: argparse.Namespace, spec: str, load: str) -> dict[str, Any]:
                 train_state,
                 to_dict(cfg),  # type: ignore[arg-type]
                 keep_last=2,
-                native_saver=engine.save_native if engine.name.startswith("zero") else None,
+                native_saver=engine.save_native,
             )
             record["checkpoint"] = str(path)
             if args.dump:
                 record["saved_state"] = full_tensors(state)
+    # Full weights loaded into the wrapped model (Engine.load_model_weights), read back.
+    other = GPT(model_cfg, seed=cfg.run.seed + 99).state_dict()
+    engine.load_model_weights(other)
+    back = full_tensors(engine.model_state_dict())
+    record["load_weights_max_diff"] = max(
+        float((back[k] - v).abs().max()) for k, v in other.items()
+    )
+    x, y = global_batch(0, B * world, T)
+    rows = slice(rank * B, rank * B + B)
+    val = engine.eval_loss(x[rows].to(engine.device), y[rows].to(engine.device))
+    record["load_weights_loss"] = float(engine.all_reduce_mean(val).item())
     record.update(
+        all_reduces_per_micro=all_reduces,
         losses=losses,
         grad_norms=norms,
         memory=memory,

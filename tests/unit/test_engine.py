@@ -5,6 +5,7 @@ portable state. (Multi-process behaviour lives in tests/distributed/test_strateg
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -77,8 +78,21 @@ def test_deepspeed_config_from_hydra(name: str, stage: int) -> None:
         assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
     if stage == 3:
         assert zero["stage3_param_persistence_threshold"] == 0
+        assert zero["stage3_prefetch_bucket_size"] == 1000
+        # Gathered parameters are released after their module (not kept for up to 1e9).
+        assert zero["stage3_max_reuse_distance"] == 1000
+        assert zero["stage3_max_live_parameters"] == 2000
     assert "optimizer" not in ds  # our torch AdamW: no fused-Adam build
     assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
+
+
+def test_deepspeed_buckets_are_sized_to_the_model() -> None:
+    # strategy.reduce_bucket_size=0 (the default): n_embd^2 elements, at least 2^20.
+    for width, want in ((64, 2**20), (1024, 2**20), (4096, 4096**2)):
+        cfg = make_cfg("strategy=zero3", f"model.n_embd={width}", "model.n_head=4")
+        zero = deepspeed_config(cfg, 2, 1)["zero_optimization"]
+        assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == want
+        assert zero["stage3_prefetch_bucket_size"] == want
 
 
 def test_deepspeed_config_precision() -> None:
@@ -179,9 +193,8 @@ def test_fallback_picks_the_fsdp_equivalent(
     assert "running its FSDP equivalent instead" in out
     assert out.count("FSDP equivalent") == 1
     # It trains, in a lone process (a process group of one), with sharded (DTensor) weights.
-    torch.manual_seed(0)
     device = engine.device
-    engine.setup(GPT(GPTConfig(**cfg.model)), lambda m: build_optimizer(m, cfg.optim, device))
+    engine.build(GPTConfig(**cfg.model), lambda m: build_optimizer(m, cfg.optim, device))
     assert type(next(engine.model.parameters())).__name__ == "DTensor"
     assert train_step(engine, cfg, 0) == pytest.approx(reference_losses()[0], rel=1e-5)
 
@@ -257,6 +270,30 @@ def test_storage_bytes_counts_each_storage_once() -> None:
     assert storage_bytes(model.state_dict().values()) == 4 * model.num_params()
 
 
+# ---- partitions as checkpoint boxes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (3, 4, 5), (1, 6), (6, 1)])
+def test_flat_ranges_are_cut_into_contiguous_boxes(shape: tuple[int, ...]) -> None:
+    from pretrain.engine.fragments import flat_boxes
+
+    n = math.prod(shape)
+    index = torch.arange(n).view(shape)
+    for start in range(n):
+        for end in range(start + 1, n + 1):
+            boxes = flat_boxes(shape, start, end)
+            assert len(boxes) <= 2 * len(shape) - 1
+            covered = []
+            for offsets, sizes, first in boxes:
+                box = index[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
+                flat = box.reshape(-1)
+                # Each box is one contiguous run of the flat range, starting at `first`.
+                assert flat.tolist() == list(range(first, first + flat.numel()))
+                covered += flat.tolist()
+            assert covered == list(range(start, end)), (shape, start, end, boxes)
+    assert flat_boxes(shape, 3, 3) == []
+
+
 # ---- the single-process engine ----------------------------------------------------------------
 
 
@@ -269,9 +306,8 @@ def data(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def single_engine(accum: int, *overrides: str) -> Any:
     cfg = make_cfg("strategy=single", *overrides)
     engine = create_engine(cfg, accum=accum)
-    torch.manual_seed(0)
     device = engine.device
-    engine.setup(GPT(GPTConfig(**cfg.model)), lambda m: build_optimizer(m, cfg.optim, device))
+    engine.build(GPTConfig(**cfg.model), lambda m: build_optimizer(m, cfg.optim, device))
     return engine, cfg
 
 
@@ -355,3 +391,25 @@ def test_memory_breakdown_of_the_replicated_model() -> None:
     engine.optimizer_step(1e-3, 1.0)
     engine.micro_step(x, y, True)
     assert engine.memory_breakdown()["optim"] == 2 * 4 * n  # exp_avg + exp_avg_sq
+
+
+def test_build_initialises_from_run_seed_and_loads_full_weights() -> None:
+    engine, cfg = single_engine(1)
+    model_cfg = GPTConfig(**cfg.model)
+    ours = engine.raw_model.state_dict()
+    for name, value in GPT(model_cfg, seed=cfg.run.seed).state_dict().items():
+        assert torch.equal(ours[name], value), name
+    assert engine.raw_model.lm_head.weight is engine.raw_model.transformer.wte.weight
+    assert engine.num_params == GPT(model_cfg).num_params()
+
+    weights = GPT(model_cfg, seed=5).state_dict()
+    weights.pop("lm_head.weight")  # a tied matrix under one of its names is enough
+    engine.load_model_weights(weights)
+    for name, value in weights.items():
+        assert torch.equal(engine.raw_model.state_dict()[name], value), name
+    missing = {k: v for k, v in weights.items() if k != "transformer.ln_f.weight"}
+    with pytest.raises(ValueError, match=r"missing \['transformer.ln_f.weight'\]"):
+        engine.load_model_weights(missing)
+    wrong = {**weights, "transformer.wpe.weight": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match="transformer.wpe.weight has shape"):
+        engine.load_model_weights(wrong)

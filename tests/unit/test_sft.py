@@ -44,12 +44,20 @@ def test_prompt_tokens_contribute_no_gradient(sft_data: Path) -> None:
     x, y = next(iter(TokenLoader(sft_data, "train", L, 16, partitions=P, seed=1)))
     ignored = y == -1
     assert ignored.any() and (~ignored).any()
-    logits, loss = model(x, y)
-    logits.retain_grad()
+    # The loss is computed from the final hidden states (the input of lm_head), a chunk of
+    # positions at a time: its gradient there is exactly zero at a prompt target.
+    hidden: list[torch.Tensor] = []
+
+    def keep(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        args[0].retain_grad()
+        hidden.append(args[0])
+
+    handle = model.lm_head.register_forward_pre_hook(keep)
+    _, loss = model(x, y)
+    handle.remove()
     loss.backward()
-    g = logits.grad
+    g = hidden[0].grad
     assert g is not None
-    # The loss's gradient w.r.t. the logits at a prompt target is exactly zero, nonzero elsewhere.
     assert torch.equal(g[ignored], torch.zeros_like(g[ignored]))
     assert (g[~ignored].abs().sum(-1) > 0).all()
     # And the parameters' gradient is that of the mean loss over the response targets alone.
