@@ -40,6 +40,7 @@ from pretrain.metrics import Metrics, memory_bytes, new_run_id, plot_loss_curve
 from pretrain.model import GPTConfig
 from pretrain.optim import build_optimizer, lr_at
 from pretrain.pretrained import load_for_init
+from pretrain.pruning import keep_zeros
 from pretrain.tokenizer import file_sha256
 
 EXIT_REQUEUE = 75
@@ -237,17 +238,22 @@ def train(cfg: Config) -> int:
     ckpt = Checkpointer(run_dir, cfg.checkpoint, resolved, cfg.train.max_steps)
     resume_from = ckpt.resume_point()
     step, tokens_seen, run_id, loader_states = 0, 0, new_run_id(), None
+    masked = 0  # pruned weights kept at zero (an unstructured-pruned init_from source)
     if resume_from is not None:
         saved = ckpt.restore(resume_from, engine)
         step, tokens_seen, loader_states = saved["step"], saved["tokens_seen"], saved["loader"]
         # The same W&B run continues only in the same run directory; a run branched from
         # another run's checkpoint gets a run of its own.
         run_id = saved["wandb_run_id"] if ckpt.same_run(resume_from) else run_id
+        if saved.get("masked_weights") and cfg.train.keep_sparsity:  # the zeros it kept
+            masked = keep_zeros(engine.unwrapped(), checkpoint.load_model_weights(resume_from))
     elif cfg.train.init_from:  # weights only: step 0, a fresh optimizer and schedule, a new run
         source, weights = load_for_init(
             cfg.train.init_from, model_cfg, manifest, allow_pipe=cfg.data.allow_pipe
         )
         engine.load_model_weights(weights)
+        if cfg.train.keep_sparsity:
+            masked = keep_zeros(engine.unwrapped(), weights)
         resolved["train"]["init_from"] = str(source.path.resolve())  # in config.yaml and W&B
         write_config(run_dir, resolved)
     train_loader = TokenLoader(
@@ -289,6 +295,7 @@ def train(cfg: Config) -> int:
             if not resume_from and cfg.train.init_from
             else ""
         )
+        + (f" | {masked:,} pruned weights kept at zero" if masked else "")
     )
 
     # ---- loop ----------------------------------------------------------------------------
@@ -330,7 +337,8 @@ def train(cfg: Config) -> int:
                 metrics.log(step, evaluate(engine, cfg, data_dir))
             if save_now:
                 train_state = {"tokens_seen": tokens_seen, "epoch": train_loader.epoch,
-                               "wandb_run_id": run_id, "strategy": engine.name}  # fmt: skip
+                               "wandb_run_id": run_id, "strategy": engine.name,
+                               "masked_weights": masked}  # fmt: skip
                 metrics.print(
                     f"saved checkpoint {ckpt.save(step, engine, train_state, train_loader)}"
                 )
