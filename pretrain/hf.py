@@ -109,6 +109,11 @@ def family(cfg: GPTConfig) -> Family:
             f"n_head * head_size = {cfg.n_head} * {cfg.head_dim} != n_embd={cfg.n_embd} (GPT-2 "
             "derives the head size from n_embd / n_head: heads pruned away do not fit)"
         )
+    if cfg.n_embd % cfg.n_head:
+        why["llama"].append(
+            f"n_embd={cfg.n_embd} not divisible by n_head={cfg.n_head} (LlamaConfig requires "
+            "it even with an explicit head_dim: prune to a head count that divides n_embd)"
+        )
     if not cfg.uniform:
         for fam in NEEDS:
             why[fam].append(

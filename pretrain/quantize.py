@@ -120,9 +120,10 @@ def dequantized(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     done: dict[int, torch.Tensor] = {}
     for k, t in sd.items():
         if is_quantized(t):
-            if id(t) not in done:
-                done[id(t)] = t.dequantize().to(torch.float32)  # type: ignore[attr-defined]
-            out[k] = done[id(t)]
+            key = t.qdata.untyped_storage().data_ptr()  # type: ignore[attr-defined]
+            if key not in done:
+                done[key] = t.dequantize().to(torch.float32)  # type: ignore[attr-defined]
+            out[k] = done[key]
         else:
             out[k] = t
     return out
@@ -134,13 +135,14 @@ def dequantized(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _aliases(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(the tensors stored once, {alias: stored name}): a tied weight is one object (a
-    quantised tensor) or one storage (a plain tensor) under two names."""
+    """(the tensors stored once, {alias: stored name}): a tied weight is one storage (of a
+    plain tensor, or of a quantised tensor's int8 values) under two names."""
     stored: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     first: dict[Any, str] = {}
     for name, t in sd.items():
-        key = ("q", id(t)) if is_quantized(t) else ("t", t.untyped_storage().data_ptr(), t.shape)
+        data = t.qdata if is_quantized(t) else t  # type: ignore[attr-defined]
+        key = (is_quantized(t), data.untyped_storage().data_ptr(), tuple(t.shape))
         if key in first:
             tied[name] = first[key]
             continue
