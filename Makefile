@@ -59,6 +59,7 @@ bench: install
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_strategies.py
 	$(PY) -m benchmarks.bench_hf export --model gpt2-1.5b
 	$(PY) -m benchmarks.bench_hf eval --data data/demo --model small10m
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.bench_optim --model tiny --vocab 8192 --steps 50 --rounds 7
 
 # ---- on a machine with a GPU -------------------------------------------------------------
 # `make gpu-wheels` here (it has pip), then on the GPU machine, in a copy of this checkout with

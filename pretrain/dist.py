@@ -74,12 +74,37 @@ def _store_address() -> tuple[str, int] | None:
     return None
 
 
+def _connect(timeout_s: float) -> Any:
+    address = _store_address()
+    if address is None:
+        return None
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    return TCPStore(
+        address[0], address[1], is_master=False, timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )  # fmt: skip
+
+
 def report_failure(summary: str) -> bool:
     """Tell every rank that this one failed. True if this is the job's first failure (its
     message is the one to print), False if another rank failed first (this failure is most
     likely a consequence of that one: stay quiet). Best effort; True without peers."""
     store = _watch["store"]
     _stop_thread()
+    if (
+        store is None
+        and world_size() > 1
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    ):
+        # Failed before the watcher started (a config error on every rank, say): torchrun's
+        # agent hosts the store already, so the ranks can still agree on who reports.
+        try:
+            store = _connect(10)
+        except Exception:  # noqa: BLE001
+            store = None
     if store is None:
         return True
     mine = f"{rank()}\n{summary[:2000]}".encode()
@@ -94,21 +119,14 @@ def watch_peers() -> None:
     """Start the watcher (after the process group exists; a no-op without peers)."""
     if world_size() < 2 or _watch["thread"] is not None:
         return
-    address = _store_address()
-    if address is None:
-        return
     import threading
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
 
     try:
-        store = TCPStore(
-            address[0], address[1], is_master=False, timeout=timedelta(seconds=30),
-            wait_for_workers=False,
-        )  # fmt: skip
+        store = _connect(30)
     except Exception as e:  # noqa: BLE001 - without it the collective timeout still applies
         print(f"warning: cannot watch other ranks for failures ({e})", file=sys.stderr)
+        return
+    if store is None:
         return
     me = rank()
     stopping = threading.Event()

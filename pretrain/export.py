@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         "Face directory or one safetensors file.",
     )
     ap.add_argument(
-        "src", help="a checkpoint directory (step_*), a run directory or (hf) a compressed model"
+        "src",
+        help="a run directory, <run dir>/best, a checkpoints/step_* directory, or (hf) a "
+        "compressed model",
     )
     ap.add_argument("out", help="output directory (hf), or a .safetensors file (our format)")
     ap.add_argument(

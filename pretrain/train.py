@@ -4,10 +4,11 @@ One `train(cfg)` that reads top to bottom: setup, build, resume, loop, teardown.
 same under `python`, `torchrun` and `accelerate launch`; the strategy (`strategy=...`) is the
 engine's business, not the loop's.
 
-Exit status: 0 when max_steps (or train.stop_at_step) is reached; 75 (EX_TEMPFAIL) after
+Exit status: 0 when max_steps (or train.stop_at_step) is reached or early stopping ends the run
+(`train.early_stop_patience`: saved, `best` marked); 75 (EX_TEMPFAIL) after
 SIGTERM/SIGUSR1, acted on at the next logging step with a checkpoint saved, so that a launcher
-requeues the job; 1 with a one-line message for a bad config, bad data, a NaN loss or a failed
-checkpoint save.
+requeues the job; 1 with a one-line message for a bad config, bad data, a NaN loss, a failed
+checkpoint save, or W&B that cannot start with logging.wandb_mode=online.
 """
 
 from __future__ import annotations
@@ -33,10 +34,17 @@ from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config, ConfigError, check_overrides, to_dict, validate
 from pretrain.data.loader import TokenLoader
 from pretrain.data.shards import DataError, is_local, local_path, read_manifest
+from pretrain.early_stopping import EarlyStopping
 from pretrain.engine import Engine, create_engine
 from pretrain.failpoint import failpoint
 from pretrain.flops import flops_per_token, peak_flops
-from pretrain.metrics import Metrics, memory_bytes, new_run_id, plot_loss_curve
+from pretrain.metrics import (
+    Metrics,
+    WandbUnavailable,
+    memory_bytes,
+    new_run_id,
+    plot_loss_curve,
+)
 from pretrain.model import GPTConfig
 from pretrain.optim import build_optimizer, lr_at
 from pretrain.pretrained import load_for_init
@@ -96,7 +104,9 @@ def evaluate(engine: Engine, cfg: Config, data_dir: str) -> dict[str, float]:
     """Validation loss and perplexity over `train.eval_batches` micro-batches of the val split.
 
     Every rank evaluates the same val batches: sharded strategies need every rank in every
-    forward, and the val split is small. The mean is therefore already global."""
+    forward, and the val split is small. The mean is therefore already global; averaging it
+    over ranks once more makes it the same number on every rank, bit for bit, which the
+    decisions taken on it (early stopping, best checkpoints) rely on."""
     loader = TokenLoader(
         data_dir,
         "val",
@@ -112,7 +122,7 @@ def evaluate(engine: Engine, cfg: Config, data_dir: str) -> dict[str, float]:
         n += 1
         if n >= cfg.train.eval_batches:
             break
-    val = float(total.item() / max(n, 1))
+    val = float(engine.all_reduce_mean(total / max(n, 1)).item())
     return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
 
@@ -236,15 +246,18 @@ def train(cfg: Config) -> int:
 
     # ---- resume --------------------------------------------------------------------------
     ckpt = Checkpointer(run_dir, cfg.checkpoint, resolved, cfg.train.max_steps)
+    stopper = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
     resume_from = ckpt.resume_point()
     step, tokens_seen, run_id, loader_states = 0, 0, new_run_id(), None
     masked = 0  # pruned weights kept at zero (an unstructured-pruned init_from source)
     if resume_from is not None:
         saved = ckpt.restore(resume_from, engine)
         step, tokens_seen, loader_states = saved["step"], saved["tokens_seen"], saved["loader"]
-        # The same W&B run continues only in the same run directory; a run branched from
-        # another run's checkpoint gets a run of its own.
-        run_id = saved["wandb_run_id"] if ckpt.same_run(resume_from) else run_id
+        # The same W&B run and the same early-stopping count continue only in the same run
+        # directory; a run branched from another run's checkpoint starts its own.
+        if ckpt.same_run(resume_from):
+            run_id = saved["wandb_run_id"]
+            stopper.load_state_dict(saved.get("early_stopping"))
         if saved.get("masked_weights") and cfg.train.keep_sparsity:  # the zeros it kept
             masked = keep_zeros(engine.unwrapped(), checkpoint.load_model_weights(resume_from))
     elif cfg.train.init_from:  # weights only: step 0, a fresh optimizer and schedule, a new run
@@ -283,10 +296,11 @@ def train(cfg: Config) -> int:
         total_steps=cfg.train.max_steps,
         start_step=step,
         progress=cfg.logging.progress,
+        init_timeout_s=cfg.logging.wandb_init_timeout_s,
     )
     metrics.print(
         f"pretrain: {engine.num_params / 1e6:.2f}M params | strategy {engine.name} x"
-        f"{engine.world_size} on {engine.device.type} | {cfg.precision.dtype} | batch "
+        f"{engine.world_size} ({engine.why}) on {engine.device.type} | {cfg.precision.dtype} | batch "
         f"{tokens_per_step} tokens (micro {cfg.train.micro_batch} x seq {cfg.train.seq_len} x "
         f"accum {accum}) | run dir {run_dir}"
         + (f" | resumed from {resume_from} (step {step})" if resume_from else "")
@@ -297,6 +311,11 @@ def train(cfg: Config) -> int:
         )
         + (f" | {masked:,} pruned weights kept at zero" if masked else "")
     )
+    if stopper.should_stop:
+        metrics.print(
+            f"nothing to train: this run stopped early at step {step}: {stopper.reason}. "
+            "To train on, raise train.early_stop_patience (or set it to 0)."
+        )
 
     # ---- loop ----------------------------------------------------------------------------
     batches = iter(train_loader)
@@ -305,7 +324,7 @@ def train(cfg: Config) -> int:
     guard = DivergenceGuard(engine)
     meter = Throughput(engine, tokens_per_step, flops_per_token(model_cfg, cfg.train.seq_len))
     exit_code = 0
-    while step < cfg.train.max_steps:
+    while step < cfg.train.max_steps and not stopper.should_stop:
         step_loss = torch.zeros((), device=engine.device)
         for micro in range(accum):
             x, y = next(batches)  # [micro_batch, seq_len] each
@@ -323,25 +342,27 @@ def train(cfg: Config) -> int:
         # Ranks agree on a signal at logging steps only (they synchronise there anyway).
         preempted = log_now and engine.any_rank(preempt.signum is not None)
         stopping = 0 < cfg.train.stop_at_step <= step
-        save_now = ckpt.due(step, stop=preempted or stopping)
-        if log_now or save_now:
-            guard.check(step, ckpt.latest())
         if log_now:
+            guard.check(step, ckpt.latest())
             values = meter.flush()
             metrics.log(step, {"loss": values.pop("loss"), "lr": lr,
                                "grad_norm": float(grad_norm.item()), **values,
                                "tokens_seen": tokens_seen})  # fmt: skip
         metrics.advance(step)
         with meter.paused():
+            new_best = False
             if eval_due(cfg, step):
-                metrics.log(step, evaluate(engine, cfg, data_dir))
-            if save_now:
+                val = evaluate(engine, cfg, data_dir)
+                metrics.log(step, val)
+                new_best = stopper.observe(step, val["val_loss"])
+            if ckpt.due(step, stop=preempted or stopping or stopper.should_stop, best=new_best):
+                guard.check(step, ckpt.latest())  # weights that saw a NaN are never saved
                 train_state = {"tokens_seen": tokens_seen, "epoch": train_loader.epoch,
                                "wandb_run_id": run_id, "strategy": engine.name,
+                               "early_stopping": stopper.state_dict(),
                                "masked_weights": masked}  # fmt: skip
-                metrics.print(
-                    f"saved checkpoint {ckpt.save(step, engine, train_state, train_loader)}"
-                )
+                path = ckpt.save(step, engine, train_state, train_loader, best=new_best)
+                metrics.print(f"saved checkpoint {path}" + (" (best)" if new_best else ""))
         if preempted:
             metrics.print(f"preempted (signal {preempt.signum}) at step {step}: saved, exiting")
             # At max_steps the run is done: nothing left to requeue for.
@@ -350,11 +371,17 @@ def train(cfg: Config) -> int:
         if stopping:
             metrics.print(f"train.stop_at_step={step} reached: saved, exiting")
             break
+        if stopper.should_stop:
+            metrics.print(
+                f"early stop at step {step}: {stopper.reason}. Saved, exiting; the best "
+                f"checkpoint is {ckpt.root / checkpoint.BEST} -> {ckpt.best}"
+            )
+            break
 
     # ---- teardown ------------------------------------------------------------------------
     dist.stop_watching()  # ranks that finish first must not look like failures to the rest
     metrics.close()
-    if dist.is_main() and step == cfg.train.max_steps:
+    if dist.is_main() and (step == cfg.train.max_steps or stopper.should_stop):
         try:
             plot_loss_curve(run_dir)
         except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
@@ -386,7 +413,13 @@ def write_config(run_dir: Path, resolved: dict[str, Any]) -> None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
 
-EXPECTED_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteLoss)
+EXPECTED_ERRORS = (
+    ConfigError,
+    DataError,
+    checkpoint.CheckpointError,
+    NonFiniteLoss,
+    WandbUnavailable,
+)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

@@ -26,6 +26,7 @@ from pretrain.engine.base import (
     make_accelerator,
     pick_device,
 )
+from pretrain.engine.launcher import resolve_strategy
 
 # What a ZeRO strategy becomes without DeepSpeed: same memory model, FSDP2 mechanics.
 FSDP_EQUIVALENT = {
@@ -97,10 +98,18 @@ def _zero_engine(cfg: Config, accum: int) -> Engine:
 
 
 def create_engine(cfg: Config, accum: int = 1) -> Engine:
-    """The engine for `strategy.name`, for optimizer steps of `accum` micro-batches each."""
+    """The engine for `strategy.name`, for optimizer steps of `accum` micro-batches each.
+
+    `strategy=auto` becomes the strategy the launcher asks for (`launcher.resolve_strategy`:
+    it writes the concrete name into `cfg.strategy.name`); `engine.why` says why."""
+    why = resolve_strategy(cfg, accum)
+    engine = _create(cfg, accum)
+    engine.why = why
+    return engine
+
+
+def _create(cfg: Config, accum: int) -> Engine:
     name = cfg.strategy.name
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy={name!r}: choose one of {', '.join(STRATEGIES)}")
     if name in ("single", "ddp"):
         from pretrain.engine.ddp import DDPEngine
 

@@ -73,14 +73,12 @@ def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
     # assumes a process group exists even in a lone `python -m pretrain.train`. DeepSpeed always
     # runs in a process group (one rank in a lone process, see `lone_process_group_env`).
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "deepspeed_plugin" in kwargs
-    # `strategy=` picks the parallelism, not the launcher: `accelerate launch --use_deepspeed` or
-    # `--use_fsdp` would otherwise turn Accelerate's own DeepSpeed/FSDP plugin on underneath.
+    # The launcher's DeepSpeed/FSDP choice was read into the strategy already
+    # (engine/launcher.py); left in the environment, it would turn Accelerate's own
+    # DeepSpeed/FSDP plugin on underneath ours.
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
-        if "deepspeed_plugin" not in kwargs and os.environ.pop(var, "").lower() == "true":
-            log0(
-                f"strategy={cfg.strategy.name}: ignoring {var}=true from the launcher; the "
-                "strategy is chosen by strategy=<name> (zero1/2/3 run DeepSpeed, fsdp FSDP2)"
-            )
+        if "deepspeed_plugin" not in kwargs:
+            os.environ.pop(var, None)
     return Accelerator(cpu=use_cpu_flag, kwargs_handlers=[pg] if launched else [], **kwargs)
 
 
@@ -183,6 +181,7 @@ class Engine(ABC):
         self.accum = accum  # micro-batches per optimizer step
         self.name = cfg.strategy.name
         self.num_params = 0  # of the plain model (a tied matrix once); set by build()
+        self.why = ""  # how the strategy was chosen (create_engine), for the banner
 
     # -- process facts ----------------------------------------------------------------------
     @property

@@ -33,7 +33,7 @@ STEPS = 60  # a signal sent after step 2 is handled within a few steps: ample ma
 # because of the signal, not a periodic checkpoint. A DataLoader worker per rank: Slurm signals
 # every process of a step, workers included, and they must survive it.
 COMMON = (
-    "strategy=ddp",
+    # strategy=auto (the default): several processes under Slurm's torchrun mean ddp.
     "data.num_workers=1",
     f"train.max_steps={STEPS}",
     "checkpoint.every=100000",
@@ -128,6 +128,7 @@ def test_two_node_job_completes(straight_job: Job) -> None:
     # One launcher per node, node ranks from SLURM_NODEID, rendezvous on the first node.
     assert re.search(r"node\.sh: node 0/2 .*\(n1\).*rendezvous n1:", log), log[-4000:]
     assert re.search(r"node\.sh: node 1/2 .*\(n2\).*rendezvous n1:", log), log[-4000:]
+    assert "strategy ddp x2 (auto: 2 processes (torchrun or Slurm))" in log, log[-4000:]
     # Everything lands in the run directory keyed by the job id.
     assert job.steps_logged() == list(range(1, STEPS + 1))
     final = checkpoint.find_resume(job.run_dir / "checkpoints", "auto")

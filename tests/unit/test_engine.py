@@ -48,7 +48,9 @@ def lone_process(monkeypatch: pytest.MonkeyPatch) -> Any:
     """This process as a lone `python -m pretrain.train`: no launcher variables (whatever an
     engine sets is undone afterwards), and no process group left behind."""
     for key in GROUP_ENV:
-        monkeypatch.delenv(key, raising=False)
+        # setenv first, so that monkeypatch remembers the key and removes what an engine sets.
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
