@@ -231,7 +231,7 @@ def select(
         if heads < 0 or heads >= H:
             raise PruneError(
                 f"--prune-heads {heads}: the model has {H} heads per layer and at least one "
-                f"must stay: remove between 1 and {H - 1}"
+                f"must stay: remove at most {H - 1} (0 = prune only MLP neurons)"
             )
         if heads % group:
             raise PruneError(
