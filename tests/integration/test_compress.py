@@ -41,8 +41,30 @@ def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def compress(src: Path, out: Path, *args: str) -> dict:
-    ok(run("-m", "pretrain.compress", str(src), str(out), *QUICK, *args))
+    """`python -m pretrain.compress` in this process (the CLI's own main)."""
+    from pretrain.compress import main
+
+    assert main([str(src), str(out), *QUICK, *args]) == 0
     return json.loads((out / "report.json").read_text())
+
+
+def refused(capsys: pytest.CaptureFixture[str], main: object, argv: list[str]) -> str:
+    """The one error line of a CLI's main (in this process) that refuses `argv`."""
+    capsys.readouterr()
+    assert main(argv) == 1  # type: ignore[operator]
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert err.endswith(line)
+    return line
+
+
+def eval_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    from pretrain.eval import main
+
+    capsys.readouterr()
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def error_of(proc: subprocess.CompletedProcess) -> str:
@@ -78,7 +100,9 @@ def val_batch(data: Path, n: int = 2, length: int = 128) -> torch.Tensor:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("fam", sorted(FAMILIES))
 @pytest.mark.parametrize("method", ["int8", "int8-dynamic"])
-def test_int8_within_the_goal(fam: str, method: str, runs: dict, tiny_data: Path) -> None:
+def test_int8_within_the_goal(
+    fam: str, method: str, runs: dict, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Val perplexity of the whole tiny val split within 1% of fp32; the file smaller by the
     int8 share (the 0.35x goal is for >= 10M models, where per-row scales and norms are a
     smaller part: BENCHMARKS.md measures it); eval reads the directory to the same numbers."""
@@ -96,8 +120,7 @@ def test_int8_within_the_goal(fam: str, method: str, runs: dict, tiny_data: Path
     assert q["weights_bytes"] < 0.45 * fp32["weights_bytes"]
     info = json.loads((out / "compressed.json").read_text())
     assert info["quantize"]["method"] == method and info["source"]["kind"] == "checkpoint"
-    ev = json.loads(ok(run("-m", "pretrain.eval", f"checkpoint={out}", f"data.dir={tiny_data}",
-                           "max_documents=0")).stdout.strip().splitlines()[-1])  # fmt: skip
+    ev = eval_json(capsys, f"checkpoint={out}", f"data.dir={tiny_data}")
     assert ev["kind"] == "compressed"
     assert ev["loss"] == pytest.approx(q["val_loss"], rel=1e-9)  # the same int8 arithmetic
 
@@ -106,9 +129,12 @@ def test_int8_within_the_goal(fam: str, method: str, runs: dict, tiny_data: Path
 
 
 @pytest.mark.timeout(900)
-def test_structured_pruning_shapes_and_hf_export(runs: dict, tiny_data: Path) -> None:
+def test_structured_pruning_shapes_and_hf_export(
+    runs: dict, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from transformers import AutoModelForCausalLM
 
+    from pretrain.export import main as export
     from pretrain.pretrained import load_pretrained
 
     root = runs["llama"].parent
@@ -126,7 +152,7 @@ def test_structured_pruning_shapes_and_hf_export(runs: dict, tiny_data: Path) ->
     orig, pruned = report["stages"]
     assert pruned["params"] < orig["params"] and pruned["weights_bytes"] < orig["weights_bytes"]
 
-    ok(run("-m", "pretrain.export", str(out), str(root / "llama-s50-hf"), "--format", "hf"))
+    assert export([str(out), str(root / "llama-s50-hf"), "--format", "hf"]) == 0
     theirs = AutoModelForCausalLM.from_pretrained(root / "llama-s50-hf").eval()
     assert (theirs.config.num_attention_heads, theirs.config.head_dim) == (2, 16)
     assert theirs.config.intermediate_size == 96
@@ -139,11 +165,11 @@ def test_structured_pruning_shapes_and_hf_export(runs: dict, tiny_data: Path) ->
     # neurons alone still export.
     g = root / "gpt2-s50"
     compress(runs["gpt2"], g, "--prune", "0.5")
-    err = error_of(run("-m", "pretrain.export", str(g), str(root / "g-hf"), "--format", "hf"))
+    err = refused(capsys, export, [str(g), str(root / "g-hf"), "--format", "hf"])
     assert "GPT-2 derives the head size" in err and not (root / "g-hf").exists()
     g_mlp = root / "gpt2-mlp50"
     compress(runs["gpt2"], g_mlp, "--prune", "0.5", "--prune-heads", "0")
-    ok(run("-m", "pretrain.export", str(g_mlp), str(root / "g-mlp-hf"), "--format", "hf"))
+    assert export([str(g_mlp), str(root / "g-mlp-hf"), "--format", "hf"]) == 0
     theirs = AutoModelForCausalLM.from_pretrained(root / "g-mlp-hf").eval()
     assert theirs.config.n_head == 4 and theirs.config.n_inner == 128
     with torch.no_grad():
@@ -156,10 +182,10 @@ def test_structured_pruning_shapes_and_hf_export(runs: dict, tiny_data: Path) ->
     info = json.loads((gl / "compressed.json").read_text())
     assert info["model"]["layer_heads"] and sum(info["prune"]["heads"]) == 4
     assert sum(info["prune"]["mlp_hidden"]) == 192 and not info["prune"]["uniform"]
-    err = error_of(run("-m", "pretrain.export", str(gl), str(root / "gl-hf"), "--format", "hf"))
+    err = refused(capsys, export, [str(gl), str(root / "gl-hf"), "--format", "hf"])
     assert "layers of different shapes" in err
-    ev = ok(run("-m", "pretrain.eval", f"checkpoint={gl}", f"data.dir={tiny_data}"))
-    assert json.loads(ev.stdout.strip().splitlines()[-1])["kind"] == "compressed"
+    ev = eval_json(capsys, f"checkpoint={gl}", f"data.dir={tiny_data}", "max_documents=2")
+    assert ev["kind"] == "compressed" and ev["tokens"] > 0 and ev["loss"] == ev["loss"]  # not NaN
 
 
 # ---- unstructured pruning and its recovery fine-tune -----------------------------------------
@@ -217,27 +243,32 @@ def test_unstructured_mask_survives_finetune_and_resume(runs: dict, tiny_data: P
 
 
 @pytest.mark.timeout(600)
-def test_bad_input_one_line_each(runs: dict, tmp_path: Path) -> None:
+def test_bad_input_one_line_each(
+    runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pretrain.compress import main
+
     src = runs["gpt2"]
-    for frac in ("1.5", "0", "-0.2"):
-        err = error_of(run("-m", "pretrain.compress", str(src), str(tmp_path / "a"),
-                           "--prune", frac))  # fmt: skip
+    # The real command once: exit 1, one line, no traceback.
+    err = error_of(run("-m", "pretrain.compress", str(src), str(tmp_path / "a"), "--prune", "1.5"))
+    assert "--prune 1.5" in err and "must be in (0, 1)" in err
+    for frac in ("0", "-0.2"):
+        err = refused(capsys, main, [str(src), str(tmp_path / "a"), "--prune", frac])
         assert f"--prune {float(frac)}" in err and "must be in (0, 1)" in err
-    err = error_of(run("-m", "pretrain.compress", str(src), str(tmp_path / "a"), *QUICK,
-                       "--prune", "0.25", "--prune-heads", "8"))  # fmt: skip
+    err = refused(capsys, main, [str(src), str(tmp_path / "a"), *QUICK, "--prune", "0.25",
+                                 "--prune-heads", "8"])  # fmt: skip
     assert "--prune-heads 8: the model has 4 heads per layer" in err
-    err = error_of(run("-m", "pretrain.compress", str(src), str(tmp_path / "a")))
+    err = refused(capsys, main, [str(src), str(tmp_path / "a")])
     assert "nothing to do" in err
     assert not (tmp_path / "a").exists()  # nothing half-written
     q = src.parent / "gpt2-int8"  # written by test_int8_within_the_goal, or here
     if not (q / "compressed.json").is_file():
         compress(src, q, "--quantize", "int8")
     for args in (["--quantize", "int8-dynamic"], ["--prune", "0.5"]):
-        err = error_of(run("-m", "pretrain.compress", str(q), str(tmp_path / "b"), *args))
+        err = refused(capsys, main, [str(q), str(tmp_path / "b"), *args])
         assert "is already quantised (int8)" in err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    err = error_of(run("-m", "pretrain.compress", str(src), str(tmp_path / "full"),
-                       "--quantize", "int8"))  # fmt: skip
+    err = refused(capsys, main, [str(src), str(tmp_path / "full"), "--quantize", "int8"])
     assert "already exists and is not empty" in err
     assert (tmp_path / "full" / "x").read_text() == "keep me"
