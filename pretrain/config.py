@@ -153,8 +153,12 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available, else cpu), cuda or cpu."""
     init_from: str = ""
-    """Start from trained weights: a run dir, a checkpoint or a Hugging Face model dir (step 0,
-    fresh optimizer and schedule, a new W&B run); unused when a checkpoint is resumed."""
+    """Start from trained weights: a run dir, a checkpoint, a Hugging Face model dir or a
+    compressed model dir (step 0, fresh optimizer and schedule, a new W&B run); unused when a
+    checkpoint is resumed."""
+    keep_sparsity: bool = True
+    """With init_from: block matmul weights that are exactly zero in the source (an
+    unstructured-pruned model) stay zero while training (pretrain/pruning.py)."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ DCP checkpoint is keyed by parameter name and resharded on read), in one of two 
     hf            a directory that stock transformers loads offline (AutoModelForCausalLM,
                   AutoTokenizer, a generation config): GPT2LMHeadModel or LlamaForCausalLM,
                   sharded with an index above --max-shard-size. The mapping is pretrain/hf.py.
+                  Also from a pruned model of `pretrain.compress` (a compressed directory).
     safetensors   one .safetensors file with our own parameter names (an out path ending in
                   .safetensors picks it), described below.
 
@@ -70,6 +71,10 @@ def export_hf(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    from pretrain.compress import is_compressed_dir
+
+    if is_compressed_dir(src):
+        return _export_compressed_hf(Path(src), out, dtype, max_shard_size)
     ckpt = resolve(src)
     cfg = GPTConfig(**read_config(ckpt)["model"])
     hf.family(cfg)  # refuse a model no stock class fits before reading any weight
@@ -82,6 +87,32 @@ def export_hf(
         max_shard_size=max_shard_size,
         consume=True,  # the weights are ours alone: convert them without a second copy
     )
+
+
+def _export_compressed_hf(src: Path, out: str | Path, dtype: str, max_shard_size: str) -> Path:
+    """A pruned model of `pretrain.compress` as a Hugging Face directory (same architecture
+    rules; int8 weights have no stock transformers class and stay in our format)."""
+    from pretrain import hf
+    from pretrain.compress import config_of, load_compressed, read_info
+    from pretrain.quantize import model_is_quantized
+
+    cfg = config_of(read_info(src))
+    hf.family(cfg)
+    if not (src / "tokenizer.model").is_file():
+        raise ValueError(
+            f"{src} has no tokenizer.model (it was compressed from a Hugging Face directory): "
+            "the HF export writes its tokenizer from the sentencepiece model"
+        )
+    _, model, _ = load_compressed(src)
+    if model_is_quantized(model):
+        raise ValueError(
+            f"{src} is quantised to int8, which no stock transformers class loads: export the "
+            "model before quantising (pretrain.compress without --quantize) and quantise there"
+        )
+    return hf.save_hf(
+        cfg, model.state_dict(), out, src / "tokenizer.model", dtype=dtype,
+        max_shard_size=max_shard_size,
+    )  # fmt: skip
 
 
 def export(
@@ -120,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         "Face directory or one safetensors file.",
     )
     ap.add_argument(
-        "src", help="a run directory, <run dir>/best, or a checkpoints/step_* directory"
+        "src",
+        help="a run directory, <run dir>/best, a checkpoints/step_* directory, or (hf) a "
+        "compressed model",
     )
     ap.add_argument("out", help="output directory (hf), or a .safetensors file (our format)")
     ap.add_argument(
@@ -141,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         path = export(
             args.src, args.out, args.format, args.dtype, max_shard_size=args.max_shard_size
         )
-    except (CheckpointError, OSError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:  # HFError, SourceError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

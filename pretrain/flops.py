@@ -54,7 +54,8 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     n = matmul_params(cfg)
-    attn = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+    heads = sum(cfg.heads_of(i) for i in range(cfg.n_layer))  # n_layer * n_head unless pruned
+    attn = 12 * heads * cfg.head_dim * seq_len
     return float(6 * n + attn)
 
 

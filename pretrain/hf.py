@@ -104,6 +104,22 @@ def family(cfg: GPTConfig) -> Family:
         ]
     if cfg.kv_heads != cfg.n_head:
         why["gpt2"].append(f"n_kv_head={cfg.n_kv_head} (GPT-2 has no grouped-query attention)")
+    if cfg.n_head * cfg.head_dim != cfg.n_embd:
+        why["gpt2"].append(
+            f"n_head * head_size = {cfg.n_head} * {cfg.head_dim} != n_embd={cfg.n_embd} (GPT-2 "
+            "derives the head size from n_embd / n_head: heads pruned away do not fit)"
+        )
+    if cfg.n_embd % cfg.n_head:
+        why["llama"].append(
+            f"n_embd={cfg.n_embd} not divisible by n_head={cfg.n_head} (LlamaConfig requires "
+            "it even with an explicit head_dim: prune to a head count that divides n_embd)"
+        )
+    if not cfg.uniform:
+        for fam in NEEDS:
+            why[fam].append(
+                "layers of different shapes (layer_heads / layer_mlp_hidden: one size for every "
+                "layer is all a stock config holds)"
+            )
     for fam in NEEDS:
         if not why[fam]:
             return fam
@@ -199,10 +215,7 @@ def from_hf_config(hc: PretrainedConfig) -> GPTConfig:
             refuse.append(f"rope_type={rope.get('rope_type')!r} (ours is plain RoPE)")
         if hc.hidden_act != "silu":
             refuse.append(f"hidden_act={hc.hidden_act!r} (SwiGLU needs silu)")
-        if hc.head_dim * hc.num_attention_heads != hc.hidden_size:
-            refuse.append(
-                f"head_dim={hc.head_dim} != hidden_size/num_attention_heads (ours derives it)"
-            )
+        head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
         if bool(hc.attention_bias) != bool(hc.mlp_bias):
             refuse.append("attention_bias != mlp_bias (our model.bias covers both)")
         if getattr(hc, "pretraining_tp", 1) not in (None, 1):
@@ -214,6 +227,8 @@ def from_hf_config(hc: PretrainedConfig) -> GPTConfig:
             n_head=hc.num_attention_heads,
             n_kv_head=hc.num_key_value_heads or hc.num_attention_heads,
             n_embd=hc.hidden_size,
+            # Set only where it is not the derived n_embd / n_head (e.g. heads pruned away).
+            head_size=0 if head_dim * hc.num_attention_heads == hc.hidden_size else head_dim,
             mlp_hidden=hc.intermediate_size,
             bias=bool(hc.attention_bias),
             norm="rmsnorm",

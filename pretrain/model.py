@@ -7,7 +7,8 @@ options: rotary position embeddings (RoPE), RMSNorm, a SwiGLU MLP, no biases, gr
 attention (GQA, fewer key/value heads than query heads) and an untied output projection.
 
 Shapes in comments: B = batch, T = sequence length (this chunk), S = key length (T, or the
-cache fill plus T when decoding), C = n_embd, H = n_head, Hkv = n_kv_head, D = head_dim = C/H,
+cache fill plus T when decoding), C = n_embd, H = n_head, Hkv = n_kv_head (of the block: a
+pruned model may have other counts per layer), D = head_dim = C/H (or model.head_size),
 V = padded vocabulary size.
 
 Layout of the parameters (stable names, used by checkpoint export and by the parallelism layer,
@@ -17,7 +18,8 @@ which wraps `transformer.h[i]` blocks without the model knowing):
     transformer.wpe            position embedding          [block_size, C]   (learned only)
     transformer.h.{i}.ln_1     norm before attention
     transformer.h.{i}.attn.c_attn   fused q|k|v projection [(H + 2*Hkv) * D, C]
-    transformer.h.{i}.attn.c_proj   attention output       [C, C]
+    transformer.h.{i}.attn.c_proj   attention output       [C, H * D]  (H * D = C unless heads
+                                                            were pruned away)
     transformer.h.{i}.ln_2     norm before the MLP
     transformer.h.{i}.mlp.c_fc      MLP input    [4C, C] (gelu) or [2*hidden, C] = gate|up (swiglu)
     transformer.h.{i}.mlp.c_proj    MLP output   [C, hidden]
@@ -43,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -65,7 +67,8 @@ SWIGLU_MULTIPLE_OF = 64
 @dataclass
 class GPTConfig:
     """Architecture of a GPT. Also the Hydra structured config of the `model` group: every
-    field is a plain str/int/float/bool with a default, so presets only list what they change."""
+    field has a default (plain str/int/float/bool, two int lists), so presets only list what
+    they change."""
 
     vocab_size: int = 0
     """Vocabulary size of the tokenizer; 0 = take it from the data manifest (filled in before
@@ -104,6 +107,15 @@ class GPTConfig:
     pad_vocab_to: int = 64
     """Round the embedding/output rows up to a multiple of this (1 = no padding). Padded logits
     are masked to -inf, so they never carry probability."""
+    head_size: int = 0
+    """Channels per attention head; 0 = n_embd / n_head. A model whose heads were pruned away
+    keeps its head size with fewer heads (n_head * head_size < n_embd)."""
+    layer_heads: list[int] = field(default_factory=list)
+    """Query heads of each block, one entry per layer (empty = n_head in every layer): a model
+    pruned to different shapes per layer. Each entry is a multiple of the key/value heads."""
+    layer_mlp_hidden: list[int] = field(default_factory=list)
+    """MLP hidden width of each block, one entry per layer (empty = mlp_hidden_size in every
+    layer)."""
 
     # -- derived sizes (properties, not fields: Hydra ignores them) ---------------------------
 
@@ -114,7 +126,24 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    def heads_of(self, layer: int) -> int:
+        """Query heads of block `layer`."""
+        return self.layer_heads[layer] if self.layer_heads else self.n_head
+
+    def kv_heads_of(self, layer: int) -> int:
+        """Key/value heads of block `layer` (n_kv_head, or its query heads when 0)."""
+        return self.n_kv_head or self.heads_of(layer)
+
+    def mlp_hidden_of(self, layer: int) -> int:
+        """MLP hidden width of block `layer`."""
+        return self.layer_mlp_hidden[layer] if self.layer_mlp_hidden else self.mlp_hidden_size
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every block has the same shape (no per-layer lists)."""
+        return not self.layer_heads and not self.layer_mlp_hidden
 
     @property
     def padded_vocab_size(self) -> int:
@@ -154,10 +183,26 @@ class GPTConfig:
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 errors.append(f"model.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_head > 0 and self.n_embd % self.n_head != 0:
+        if self.head_size < 0:
+            errors.append(
+                f"model.head_size must be >= 0 (0 = n_embd / n_head), got {self.head_size}"
+            )
+        elif self.head_size == 0 and self.n_head > 0 and self.n_embd % self.n_head != 0:
             errors.append(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
                 "choose n_head dividing n_embd (head_dim = n_embd / n_head)"
+            )
+        for name in ("layer_heads", "layer_mlp_hidden"):
+            values = list(getattr(self, name))
+            if values and (len(values) != self.n_layer or min(values) <= 0):
+                errors.append(
+                    f"model.{name}={values} must hold one positive entry per layer "
+                    f"(n_layer={self.n_layer}), or be empty (the same in every layer)"
+                )
+        if self.n_kv_head > 0 and any(h % self.n_kv_head for h in self.layer_heads):
+            errors.append(
+                f"model.layer_heads={list(self.layer_heads)}: every entry must be a multiple of "
+                f"model.n_kv_head={self.n_kv_head} (each key/value head serves a whole group)"
             )
         if self.n_kv_head < 0:
             errors.append(f"model.n_kv_head must be >= 0 (0 = n_head), got {self.n_kv_head}")
@@ -180,12 +225,12 @@ class GPTConfig:
         if (
             self.pos_emb == "rope"
             and self.n_head > 0
-            and self.n_embd % self.n_head == 0
+            and (self.head_size > 0 or self.n_embd % self.n_head == 0)
             and self.head_dim % 2 != 0
         ):
             errors.append(
-                f"RoPE rotates pairs of channels, so head_dim = n_embd/n_head must be even; "
-                f"got {self.head_dim} (n_embd={self.n_embd}, n_head={self.n_head})"
+                f"RoPE rotates pairs of channels, so head_dim (head_size, or n_embd/n_head) must "
+                f"be even; got {self.head_dim} (n_embd={self.n_embd}, n_head={self.n_head})"
             )
         if self.pos_emb == "rope" and self.rope_theta <= 0:
             errors.append(f"model.rope_theta must be > 0, got {self.rope_theta}")
@@ -318,15 +363,15 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head = cfg.n_head
-        self.n_kv_head = cfg.kv_heads
+        self.n_head = cfg.heads_of(layer_idx)
+        self.n_kv_head = cfg.kv_heads_of(layer_idx)
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
         # One fused projection for q, k and v (one matmul instead of three). Output rows are laid
         # out [q: H*D | k: Hkv*D | v: Hkv*D]; with Hkv = H this is exactly GPT-2's c_attn.
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_proj = True  # type: ignore[assignment]  # scaled init, see GPT
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -336,7 +381,7 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
@@ -373,15 +418,15 @@ class CausalSelfAttention(nn.Module):
             # without materialising repeated k/v.
             enable_gqa=Hkv != H,
         )  # [B, H, T, D]
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: [B, T, C]
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # re-assemble heads: [B, T, H*D]
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
-        hidden = cfg.mlp_hidden_size
+        hidden = cfg.mlp_hidden_of(layer_idx)
         # SwiGLU needs two input projections (gate and up); they are fused into one matmul with
         # output rows laid out [gate: hidden | up: hidden].
         self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
@@ -407,7 +452,7 @@ class Block(nn.Module):
         self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ln_2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer_idx)
 
     def forward(
         self,

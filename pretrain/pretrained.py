@@ -8,9 +8,12 @@ and `train.init_from`.
                  strategy and world size
     hf           a Hugging Face directory (config.json) of a GPT2LMHeadModel or a
                  LlamaForCausalLM, ours (`pretrain.export --format hf`) or anyone's
+    compressed   a directory written by `pretrain.compress` (compressed.json): pruned and/or
+                 int8 weights, loaded as they are stored (int8 stays int8)
 
 and returns a `Pretrained`: our GPT with the weights loaded, its config, and its tokenizer
 behind one small interface (sentencepiece for checkpoints, tokenizer.json for HF directories).
+A training run (`load_for_init`) gets fp32 weights from every kind: int8 ones are dequantised.
 A new kind of stored model is added here, in `detect` and `load_pretrained`, and every caller
 takes it.
 
@@ -36,10 +39,10 @@ from pretrain.data.shards import Manifest, fetch, resolve
 from pretrain.model import GPT, GPTConfig
 from pretrain.tokenizer import Tokenizer
 
-Kind = Literal["checkpoint", "hf"]
+Kind = Literal["checkpoint", "hf", "compressed"]
 KINDS = (
-    "a run directory, a checkpoint (checkpoints/step_*, <run dir>/best) or a Hugging Face "
-    "model directory"
+    "a run directory, a checkpoint (checkpoints/step_*, <run dir>/best), a Hugging Face model "
+    "directory or a compressed model directory"
 )
 
 
@@ -112,6 +115,7 @@ class Pretrained:
     config: GPTConfig
     model: GPT  # the weights loaded, in eval mode
     tokenizer: TextTokenizer | None  # None: an HF directory without a tokenizer
+    info: dict[str, Any] | None = None  # compressed: its manifest (what was done to it)
 
     def describe(self) -> str:
         return f"{self.path} ({self.kind})"
@@ -120,6 +124,10 @@ class Pretrained:
 def detect(path: str | Path) -> Kind:
     """Which kind of stored model `path` is; SourceError (one line) when it is none of them."""
     p = Path(path)
+    from pretrain.compress import is_compressed_dir
+
+    if is_compressed_dir(p):
+        return "compressed"
     if checkpoint.is_complete(p) or (p / "checkpoints").is_dir():
         return "checkpoint"
     from pretrain import hf
@@ -129,7 +137,7 @@ def detect(path: str | Path) -> Kind:
     if p.name in checkpoint.POINTERS:  # <run dir>/best: checkpoint.resolve reads the pointer
         return "checkpoint"
     what = "does not exist" if not p.exists() else "holds none of them"
-    raise SourceError(f"{p} {what}: pass {KINDS} (a directory with config.json)")
+    raise SourceError(f"{p} {what}: pass {KINDS}")
 
 
 def tokenizer_file(ckpt: Path) -> Path:
@@ -150,6 +158,16 @@ def tokenizer_file(ckpt: Path) -> Path:
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     """The model stored at `path` (any kind, see the module docstring), on `device`."""
     kind = detect(path)
+    if kind == "compressed":
+        from pretrain.compress import load_compressed
+
+        src = Path(path)
+        cfg, model, info = load_compressed(src)
+        if (src / "tokenizer.model").is_file():
+            tok: TextTokenizer | None = SentencePieceText(src / "tokenizer.model")
+        else:
+            tok = HFText(src) if (src / "tokenizer.json").is_file() else None
+        return Pretrained(kind, src, cfg, model.to(device).eval(), tok, info)
     if kind == "checkpoint":
         try:
             ckpt = checkpoint.resolve(path)
@@ -157,7 +175,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
             weights = checkpoint.load_model_weights(ckpt)
         except checkpoint.CheckpointError as e:
             raise SourceError(str(e)) from e
-        tok: TextTokenizer | None = SentencePieceText(tokenizer_file(ckpt))
+        tok = SentencePieceText(tokenizer_file(ckpt))
         src = ckpt
     else:
         from pretrain import hf
@@ -243,15 +261,19 @@ ARCHITECTURE: dict[str, Any] = {
     "rope_theta": lambda c: c.rope_theta if c.pos_emb == "rope" else None,
     "tie_embeddings": lambda c: c.tie_embeddings,
     "norm_eps": lambda c: c.norm_eps,
+    "head_size": lambda c: c.head_dim,
+    "layer_heads": lambda c: [c.heads_of(i) for i in range(c.n_layer)],
+    "layer_mlp_hidden": lambda c: [c.mlp_hidden_of(i) for i in range(c.n_layer)],
 }
 
 
-DERIVED = ("n_kv_head", "mlp_hidden")  # 0 = a rule over the other fields
+# 0 / empty = a rule over the other fields
+DERIVED = ("n_kv_head", "mlp_hidden", "head_size", "layer_heads", "layer_mlp_hidden")
 
 
 def architecture_mismatches(source: GPTConfig, target: GPTConfig) -> list[tuple[str, Any, Any]]:
     """(key, target value, source value) for every architecture field that differs. A derived
-    size (n_kv_head, mlp_hidden) is named only if it still differs once the other keys agree:
+    size (n_kv_head, mlp_hidden, head_size, the per-layer sizes) is named only if it still differs once the other keys agree:
     n_embd=32 vs 64 says it all, the MLP width that follows from it is not a second problem."""
 
     def diff(a: GPTConfig, b: GPTConfig) -> list[tuple[str, Any, Any]]:
@@ -265,10 +287,12 @@ def architecture_mismatches(source: GPTConfig, target: GPTConfig) -> list[tuple[
 
 def weights_for(p: Pretrained, target: GPTConfig) -> dict[str, torch.Tensor]:
     """The source's state dict shaped for a model built from `target` (same architecture; the
-    vocabulary padding may differ, and padded rows never change an output)."""
+    vocabulary padding may differ, and padded rows never change an output), in fp32: int8
+    weights are dequantised."""
     from pretrain.hf import pad_vocab
+    from pretrain.quantize import dequantized
 
-    sd = p.model.state_dict()
+    sd = dequantized(p.model.state_dict())
     rows = target.padded_vocab_size
     sd["transformer.wte.weight"] = pad_vocab(sd["transformer.wte.weight"], rows)
     if target.tie_embeddings:
@@ -300,4 +324,6 @@ def load_for_init(
 
 
 def _override(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(str(v) for v in value) + "]"
     return str(value).lower() if isinstance(value, bool) else str(value)

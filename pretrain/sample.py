@@ -20,8 +20,8 @@ from pretrain.pretrained import SourceError, TextTokenizer, load_pretrained
 @dataclass
 class SampleConfig:
     checkpoint: str = "runs/demo"
-    """A run directory (its newest checkpoint), <run dir>/best, a checkpoints/step_* dir, or a
-    Hugging Face model directory."""
+    """A run directory (its newest checkpoint), <run dir>/best, a checkpoints/step_* dir, a
+    Hugging Face model directory or a compressed model directory."""
     prompt: str = ""
     """Text to continue (empty = start a new document: after EOS)."""
     num_samples: int = 2

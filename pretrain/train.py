@@ -48,6 +48,7 @@ from pretrain.metrics import (
 from pretrain.model import GPTConfig
 from pretrain.optim import build_optimizer, lr_at
 from pretrain.pretrained import load_for_init
+from pretrain.pruning import keep_zeros
 from pretrain.tokenizer import file_sha256
 
 EXIT_REQUEUE = 75
@@ -249,6 +250,7 @@ def train(cfg: Config) -> int:
     stopper = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
     resume_from = ckpt.resume_point()
     step, tokens_seen, run_id, loader_states = 0, 0, new_run_id(), None
+    masked = 0  # pruned weights kept at zero (an unstructured-pruned init_from source)
     if resume_from is not None:
         saved = ckpt.restore(resume_from, engine)
         step, tokens_seen, loader_states = saved["step"], saved["tokens_seen"], saved["loader"]
@@ -257,11 +259,15 @@ def train(cfg: Config) -> int:
         if ckpt.same_run(resume_from):
             run_id = saved["wandb_run_id"]
             stopper.load_state_dict(saved.get("early_stopping"))
+        if saved.get("masked_weights") and cfg.train.keep_sparsity:  # the zeros it kept
+            masked = keep_zeros(engine.unwrapped(), checkpoint.load_model_weights(resume_from))
     elif cfg.train.init_from:  # weights only: step 0, a fresh optimizer and schedule, a new run
         source, weights = load_for_init(
             cfg.train.init_from, model_cfg, manifest, allow_pipe=cfg.data.allow_pipe
         )
         engine.load_model_weights(weights)
+        if cfg.train.keep_sparsity:
+            masked = keep_zeros(engine.unwrapped(), weights)
         resolved["train"]["init_from"] = str(source.path.resolve())  # in config.yaml and W&B
         write_config(run_dir, resolved)
     train_loader = TokenLoader(
@@ -305,6 +311,7 @@ def train(cfg: Config) -> int:
             if not resume_from and cfg.train.init_from
             else ""
         )
+        + (f" | {masked:,} pruned weights kept at zero" if masked else "")
     )
     if stopper.should_stop:
         metrics.print(
@@ -354,7 +361,8 @@ def train(cfg: Config) -> int:
                 guard.check(step, ckpt.latest())  # weights that saw a NaN are never saved
                 train_state = {"tokens_seen": tokens_seen, "epoch": train_loader.epoch,
                                "wandb_run_id": run_id, "strategy": engine.name,
-                               "early_stopping": stopper.state_dict()}  # fmt: skip
+                               "early_stopping": stopper.state_dict(),
+                               "masked_weights": masked}  # fmt: skip
                 path = ckpt.save(step, engine, train_state, train_loader, best=new_best)
                 metrics.print(f"saved checkpoint {path}" + (" (best)" if new_best else ""))
         if preempted:
