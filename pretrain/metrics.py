@@ -66,6 +66,7 @@ class Metrics:
         mode: str,
         run_id: str,
         run_name: str,
+        group: str = "",
         total_steps: int,
         start_step: int,
         progress: bool,
@@ -83,10 +84,17 @@ class Metrics:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if wandb_enabled and mode != "disabled":
-            self._start_wandb(config, project, entity, mode, run_id, run_name)
+            self._start_wandb(config, project, entity, mode, run_id, run_name, group)
 
     def _start_wandb(
-        self, config: dict, project: str, entity: str, mode: str, run_id: str, name: str
+        self,
+        config: dict,
+        project: str,
+        entity: str,
+        mode: str,
+        run_id: str,
+        name: str,
+        group: str = "",
     ) -> None:
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
@@ -99,6 +107,7 @@ class Metrics:
                 entity=entity or None,
                 id=run_id,
                 name=name,
+                group=group or None,  # the trials of one sweep share a group
                 resume="allow",
                 mode=mode,  # type: ignore[arg-type]
                 dir=str(self.run_dir),
