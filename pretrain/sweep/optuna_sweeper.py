@@ -316,7 +316,7 @@ class OptunaSweep:
 
     def _check_keys(self, keys: Sequence[str]) -> None:
         for key in keys:
-            if key.startswith(("hydra.", "hydra/")) or "/" in key:
+            if key.lstrip("+~").startswith(("hydra.", "hydra/")) or "/" in key:
                 continue
             problem = unknown_key(key.split("@")[0])
             if problem is not None:

@@ -131,8 +131,9 @@ def describe(dist: BaseDistribution) -> str:
     if isinstance(dist, FloatDistribution) and dist.step is not None:
         return f"range({dist.low}, {dist.high + dist.step}, {dist.step})"
     if isinstance(dist, (IntDistribution, FloatDistribution)):
-        kind = "int(interval" if isinstance(dist, IntDistribution) else "interval"
-        body = f"{kind}({dist.low}, {dist.high}){')' if kind.startswith('int') else ''}"
+        body = f"interval({dist.low}, {dist.high})"
+        if isinstance(dist, IntDistribution):
+            body = f"int({body})"
         return f"tag(log, {body})" if dist.log else body
     return repr(dist)
 

@@ -149,23 +149,25 @@ def claim_run_dir(cfg: Any) -> None:
     """Refuse to continue a run directory that another trial started (a different sweep that
     landed in the same hydra.sweep.dir); record this trial's overrides in a fresh one. Every
     rank checks; rank 0 writes."""
-    run_dir = Path(cfg.run.dir)
-    mine = own_overrides()
+    claim(Path(cfg.run.dir), own_overrides(), cfg.sweep.dir, write=dist.is_main())
+
+
+def claim(run_dir: Path, overrides: list[str], sweep_dir: str, write: bool = True) -> None:
     path = run_dir / TRIAL_FILE
     if path.is_file():
         theirs = (yaml.safe_load(path.read_text()) or {}).get("overrides", [])
-        if sorted(theirs) != sorted(mine):
-            diff = sorted(set(theirs) ^ set(mine))
+        if sorted(theirs) != sorted(overrides):
+            diff = sorted(set(theirs) ^ set(overrides))
             raise ConfigError(
                 f"{run_dir} holds a trial of another sweep (its overrides differ in: "
                 f"{' '.join(diff)}). Repeat that sweep's command to continue it, or start this "
                 "sweep in a new directory: hydra.sweep.dir=<dir> (or another run.name)"
             )
         return
-    if dist.is_main():
+    if write:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{TRIAL_FILE}.tmp")
-        tmp.write_text(yaml.safe_dump({"sweep": cfg.sweep.dir, "overrides": mine}))
+        tmp.write_text(yaml.safe_dump({"sweep": sweep_dir, "overrides": overrides}))
         os.replace(tmp, path)
 
 
