@@ -122,11 +122,11 @@ def plot(study: Any, sweep_dir: Path, objective: str) -> list[Path]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "experimental" notices, empty-axis warnings
                 axes = draw()
-            first = axes.flat[0] if hasattr(axes, "flat") else axes
-            fig = first.figure
-            fig.set_size_inches(max(6.4, fig.get_size_inches()[0]), 4.8)
-            fig.tight_layout()
-            fig.savefig(Path(sweep_dir) / name, dpi=110)
+            many = list(axes.flat) if hasattr(axes, "flat") else [axes]
+            fig = many[0].figure
+            # Room for every parameter's panel, the colour bar and the legend.
+            fig.set_size_inches(max(8.0, 3.6 * len(many) + 2.5), 4.8)
+            fig.savefig(Path(sweep_dir) / name, dpi=110, bbox_inches="tight")
             plt.close(fig)
             written.append(Path(sweep_dir) / name)
         except Exception as e:  # noqa: BLE001 - a plot must not fail a sweep

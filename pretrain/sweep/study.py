@@ -13,15 +13,14 @@ pruner as the study's (a pruner is not stored by Optuna: it is an object of the 
 
 from __future__ import annotations
 
-import fcntl
-import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import optuna
 
 from pretrain.sweep.space import SweepError
+from pretrain.sweep.trial import DirLock
 
 JOURNAL = "study.journal"
 LOCK = ".sweep.lock"
@@ -138,26 +137,13 @@ class SweepLock:
     a sweep that was killed, and is continued, not raced."""
 
     def __init__(self, sweep_dir: Path) -> None:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        self.path = sweep_dir / LOCK
-        self.file: TextIO | None = open(self.path, "a+")  # noqa: SIM115 - held for the sweep
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            self.file = None
+        self.lock = DirLock(sweep_dir / LOCK)
+        holder = self.lock.acquire()
+        if holder is not None:
             raise SweepError(
                 f"error: {sweep_dir} is in use by another sweep ({holder}): wait for it to end, "
                 "or start this one elsewhere with hydra.sweep.dir=<dir>"
-            ) from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        self.file.flush()
+            )
 
     def release(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        self.lock.release()

@@ -37,9 +37,46 @@ from pretrain.config import ConfigError
 
 RESULT_FILE = "result.json"
 TRIAL_FILE = "trial.yaml"
+TRIAL_LOCK = ".trial.lock"
 # Overrides a trial gets from where it runs, not from what it is (see `trial_settings`): they
 # are left out of its identity, so that a trial killed under one launcher resumes under another.
 PLACEMENT_KEYS = ("run.dir", "run.name", "sweep.dir", "logging.wandb_group")
+
+
+class DirLock:
+    """An exclusive lock on `path` (fcntl.flock), released by the kernel when its holder ends or
+    is killed: a lock left over by a killed process never blocks anyone."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file = Path(path), None
+
+    def acquire(self) -> str | None:
+        """None once held; else who holds it."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            return holder
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        self.file = f  # type: ignore[assignment]
+        return None
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+_held: list[DirLock] = []  # the trial locks this process holds (released between trials)
 
 
 class TrialFailed(CompactHydraException):
@@ -147,9 +184,20 @@ def own_overrides() -> list[str]:
 
 def claim_run_dir(cfg: Any) -> None:
     """Refuse to continue a run directory that another trial started (a different sweep that
-    landed in the same hydra.sweep.dir); record this trial's overrides in a fresh one. Every
-    rank checks; rank 0 writes."""
-    claim(Path(cfg.run.dir), own_overrides(), cfg.sweep.dir, write=dist.is_main())
+    landed in the same hydra.sweep.dir), or that a process still runs in (the Slurm job of a
+    killed sweep's trial, say); record this trial's overrides in a fresh one. Every rank checks
+    the overrides; rank 0 holds the lock and writes."""
+    run_dir = Path(cfg.run.dir)
+    claim(run_dir, own_overrides(), cfg.sweep.dir, write=dist.is_main())
+    if dist.is_main():
+        lock = DirLock(run_dir / TRIAL_LOCK)
+        holder = lock.acquire()
+        if holder is not None:
+            raise ConfigError(
+                f"{run_dir} is in use by another run of this trial ({holder}): let it finish "
+                "(the sweep then records its result), or stop it (scancel its Slurm job) first"
+            )
+        _held.append(lock)
 
 
 def claim(run_dir: Path, overrides: list[str], sweep_dir: str, write: bool = True) -> None:
@@ -272,6 +320,8 @@ def restored_process() -> Iterator[None]:
     try:
         yield
     finally:
+        while _held:
+            _held.pop().release()
         dist.stop_watching()
         if dist.initialized():
             import torch.distributed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pretrain.dist import adopt_slurm_tasks
 from pretrain.sweep import results
 from pretrain.sweep.optuna_sweeper import OptunaSweep
 from pretrain.sweep.space import SweepError, describe, grid_values, override_value, parse
-from pretrain.sweep.trial import TrialResult, claim, write_result
+from pretrain.sweep.trial import DirLock, TrialResult, claim, write_result
 from tests.conftest import REPO, test_env
 
 
@@ -89,6 +90,17 @@ def test_a_trial_dir_only_continues_as_the_same_trial(tmp_path: Path) -> None:
     claim(run, list(reversed(mine)), str(tmp_path / "sweep"))  # the same trial, resumed
     with pytest.raises(ConfigError, match=r"holds a trial of another sweep .*optim\.lr=0\.003"):
         claim(run, ["experiment=debug", "optim.lr=0.003"], str(tmp_path / "sweep"))
+
+
+def test_a_trial_dir_is_run_in_by_one_process_at_a_time(tmp_path: Path) -> None:
+    """The lock is the kernel's (flock): a second holder is refused with the first one named,
+    and a lock whose holder is gone (closed, or the process killed) is free again."""
+    first, second = DirLock(tmp_path / ".trial.lock"), DirLock(tmp_path / ".trial.lock")
+    assert first.acquire() is None
+    assert second.acquire() == f"pid {os.getpid()} on {os.uname().nodename}"
+    first.release()
+    assert second.acquire() is None
+    second.release()
 
 
 def test_srun_tasks_become_ranks() -> None:
