@@ -56,6 +56,7 @@ bench: install
 	$(PY) -m benchmarks.bench_data --rounds 3
 	$(PY) -m benchmarks.bench_train --data data/demo --steps 40
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_strategies.py
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.bench_optim --model tiny --vocab 8192 --steps 50 --rounds 7
 
 # ---- on a machine with a GPU -------------------------------------------------------------
 # `make gpu-wheels` here (it has pip), then on the GPU machine, in a copy of this checkout with

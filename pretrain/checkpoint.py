@@ -11,6 +11,8 @@ Layout of `<run.dir>/checkpoints/`:
         deepspeed/           (ZeRO strategies) DeepSpeed's own format, for `zero_to_fp32`
         COMPLETE             written last: a directory without it is not a checkpoint
     latest                   names the newest complete checkpoint; it moves last
+    best                     names the checkpoint with the best validation loss (written when
+                             early stopping is on); keep-last pruning never removes it
 
 A save writes into `.tmp-step_.../`, syncs every file, and renames the directory into place
 only when all ranks are done; a crash at any moment leaves the previous checkpoint and
@@ -41,6 +43,8 @@ warnings.filterwarnings("ignore", message=".*assuming the intent is to")
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+BEST = "best"
+POINTERS = (LATEST, BEST)  # files in the checkpoint root that name one of its checkpoints
 
 
 class CheckpointError(RuntimeError):
@@ -120,6 +124,22 @@ def step_of(path: Path) -> int:
     return int(path.name.split("_")[1])
 
 
+def read_pointer(root: Path, name: str) -> str | None:
+    """The checkpoint directory name a pointer file (`latest`, `best`) in `root` holds."""
+    try:
+        return (root / name).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def write_pointer(root: Path, name: str, target: Path) -> None:
+    """Rank 0: point `root/name` at checkpoint `target` (atomically: a reader sees the old or
+    the new name, never a torn one)."""
+    _write_text(root / f".{name}.tmp", target.name + "\n")
+    os.replace(root / f".{name}.tmp", root / name)
+    _fsync_file(root)
+
+
 def prepare_root(root: Path, resume_from: Path | None, resume: str) -> None:
     """Rank 0, before anything is written: make `root` hold one timeline.
 
@@ -145,6 +165,8 @@ def prepare_root(root: Path, resume_from: Path | None, resume: str) -> None:
             aside.mkdir(exist_ok=True)
             for p in newer:
                 os.replace(p, aside / p.name)
+            if read_pointer(root, BEST) in {p.name for p in newer}:
+                (root / BEST).unlink()  # the resumed checkpoint says which one was best then
             _fsync_file(root)
 
 
@@ -201,7 +223,9 @@ def save(
             os.replace(root / f".{LATEST}.tmp", root / LATEST)
             _fsync_file(root)
             # Rename before deleting: a delete cut short must not leave a "complete" husk.
-            for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            best = read_pointer(root, BEST)  # kept whatever keep_last says
+            prunable = [p for p in list_checkpoints(root) if p.name != best]
+            for old in prunable[:-keep_last] if keep_last > 0 else []:
                 doomed = root / f".del-{old.name}"
                 os.replace(old, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
@@ -245,14 +269,18 @@ class Checkpointer:
     A save holds the engine's tensors in their portable form (`Engine.state_dict`), the train
     state, every rank's data-loader position and RNG, the resolved config, and whatever the
     engine writes in its backend's own format (`Engine.save_native`). One is due every
-    `checkpoint.every` steps, at the last step, and whenever the loop must stop early
-    (preemption, `train.stop_at_step`), never twice for the same step."""
+    `checkpoint.every` steps, at the last step, whenever the loop must stop early
+    (preemption, `train.stop_at_step`, early stopping) and at every new best validation loss
+    when early stopping is on, never twice for the same step. The newest best is marked
+    `best`; every checkpoint records which one that was (`best_checkpoint`), so a resumed run
+    re-marks it."""
 
     def __init__(self, run_dir: Path, cfg: Any, config: dict[str, Any], max_steps: int) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.every, self.keep_last, self.resume = cfg.every, cfg.keep_last, cfg.resume
         self.config, self.max_steps = config, max_steps
         self.last_saved: int | None = None
+        self.best: str | None = None  # name of the checkpoint marked `best`
 
     def resume_point(self) -> Path | None:
         """Collective. The checkpoint to continue from (`checkpoint.resume`), after rank 0 made
@@ -274,24 +302,39 @@ class Checkpointer:
         train_state = load(path, state)
         engine.load_state_dict(state)
         self.last_saved = int(train_state["step"])
+        # Another run's best is not this run's; our own is marked again in case a crash came
+        # between a save and its pointer, or resuming an older checkpoint moved the best aside.
+        best = train_state.get("best_checkpoint") if self.same_run(path) else None
+        self.best = best if best and is_complete(self.root / best) else None
+        if self.best and dist.is_main() and read_pointer(self.root, BEST) != self.best:
+            self._mark_best(self.root / self.best)
         return train_state
 
-    def due(self, step: int, *, stop: bool = False) -> bool:
+    def due(self, step: int, *, stop: bool = False, best: bool = False) -> bool:
         if step == self.last_saved:
             return False
-        return step % self.every == 0 or step == self.max_steps or stop
+        return step % self.every == 0 or step == self.max_steps or stop or best
 
     def latest(self) -> Path | None:
         return find_resume(self.root, "auto")
 
-    def save(self, step: int, engine: Any, train_state: dict[str, Any], loader: Any) -> Path:
+    def save(
+        self,
+        step: int,
+        engine: Any,
+        train_state: dict[str, Any],
+        loader: Any,
+        *,
+        best: bool = False,
+    ) -> Path:
         """Collective: every rank calls it. `loader`'s position is gathered from every rank, so
-        that any world size can take the epoch over."""
+        that any world size can take the epoch over. `best`: this is the new best checkpoint."""
         train_state = {
             **train_state,
             "step": step,
             "loader": gather_states(loader.state_dict()),
             "world_size": dist.world_size(),
+            "best_checkpoint": step_dir_name(step) if best else self.best,
         }
         path = save(
             self.root,
@@ -303,7 +346,21 @@ class Checkpointer:
             native_saver=engine.save_native,
         )
         self.last_saved = step
+        if best:
+            if dist.is_main():
+                self._mark_best(path)
+            self.best = path.name
         return path
+
+    def _mark_best(self, path: Path) -> None:
+        try:
+            write_pointer(self.root, BEST, path)
+        except OSError as e:
+            raise CheckpointError(
+                f"marking {path} as the best checkpoint failed ({e}); the checkpoint itself is "
+                f"complete, and its train_state.json names it best, so resuming marks it again. "
+                "Check free space and permissions under run.dir."
+            ) from e
 
 
 def gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -323,6 +380,13 @@ def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     meta = dcp.FileSystemReader(str(path / "dcp")).read_metadata()
     if "scaler" in state and not any(k.startswith("scaler.") for k in meta.state_dict_metadata):
         state.pop("scaler")  # saved without fp16: the loss scaler starts fresh
+    # An optimizer hyperparameter newer than the checkpoint (optim.l1, say) is not in it: it keeps
+    # its configured value (the optimizer keeps configured hyperparameters on load anyway).
+    for i, group in enumerate(state.get("optim", {}).get("param_groups", [])):
+        for key in [
+            k for k in group if f"optim.param_groups.{i}.{k}" not in meta.state_dict_metadata
+        ]:
+            del group[key]
     try:
         dcp.load(state, checkpoint_id=str(path / "dcp"))
     except (CheckpointException, RuntimeError, KeyError, ValueError) as e:
@@ -347,27 +411,43 @@ def restore_rng(path: Path, world_size: int) -> bool:
     return True
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """The resolved config a checkpoint (or a run directory) was written with."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        found = find_resume(path / "checkpoints", "auto")
-        if found is None:
-            raise CheckpointError(f"{path} has no complete checkpoint yet")
-        path = found
-    return yaml.safe_load((path / "config.yaml").read_text())
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The resolved config a checkpoint was written with (any form `resolve` accepts)."""
+    return yaml.safe_load((resolve(path) / "config.yaml").read_text())
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint directory or a run directory."""
+    """The checkpoint directory that `path` names, for every consumer of checkpoints:
+
+    <run dir>                          its newest complete checkpoint
+    <run dir>/best, <run dir>/latest   the checkpoint that pointer names (`best`: the best
+                                       validation loss, marked when early stopping is on)
+    <run dir>/checkpoints/best|latest  the same, by the pointer file's own path
+    <run dir>/checkpoints/step_*       that checkpoint
+    """
     p = Path(path)
     if is_complete(p):
         return p
+    if p.name in POINTERS:
+        root = p.parent / "checkpoints" if (p.parent / "checkpoints").is_dir() else p.parent
+        if p.name == LATEST:  # as resume=auto: the newest complete one (see find_resume)
+            found = find_resume(root, "auto")
+            if found is not None:
+                return found
+        else:
+            target = read_pointer(root, BEST)
+            if target is not None and is_complete(root / target):
+                return root / target
+            raise CheckpointError(
+                f"{p}: no best checkpoint in {root}. `best` is marked by early stopping "
+                "(train.early_stop_patience > 0) at each new best validation loss; pass the run "
+                "directory for its newest checkpoint, or a checkpoints/step_* directory"
+            )
     found = find_resume(p / "checkpoints", "auto") if (p / "checkpoints").is_dir() else None
     if found is None:
         raise CheckpointError(
-            f"{p} is neither a complete checkpoint nor a run directory with one: "
-            "pass a run directory or one of its checkpoints/step_* directories"
+            f"{p} is neither a complete checkpoint nor a run directory with one: pass a run "
+            "directory, <run dir>/best, <run dir>/latest or a checkpoints/step_* directory"
         )
     return found
 

@@ -71,6 +71,8 @@ class OptimConfig:
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matmul weights only (not biases, norms, positions)."""
+    l1: float = 0.0
+    """L1 penalty (0 = off): after each step, soft-threshold the decayed weights by lr * l1."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -137,6 +139,10 @@ class TrainConfig:
     """Validation loss and perplexity every N steps (0 = only at the end)."""
     eval_batches: int = 10
     """Micro-batches of the val split per validation."""
+    early_stop_patience: int = 0
+    """Stop (saved, exit 0) after this many validations without a new best val loss (0 = off)."""
+    early_stop_min_delta: float = 0.0
+    """A validation is a new best only if it beats the best val loss by more than this."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cuda or cpu."""
 
@@ -146,13 +152,15 @@ class LoggingConfig:
     every: int = 10
     """Log metrics every N steps."""
     wandb: bool = True
-    """Log to Weights & Biases (offline when no API key; failures never stop training)."""
+    """Log to Weights & Biases (see wandb_mode; once started, W&B never stops training)."""
     wandb_project: str = "pretrain"
     """W&B project."""
     wandb_entity: str = ""
     """W&B entity (team); empty = your default."""
     wandb_mode: str = "auto"
-    """auto (online with WANDB_API_KEY, else offline), online, offline, disabled."""
+    """auto (online if WANDB_API_KEY and reachable, else offline), online, offline, disabled."""
+    wandb_init_timeout_s: float = 7.0
+    """Seconds to reach W&B at start before auto logs offline instead (and online fails)."""
     wandb_group: str = ""
     """W&B group; empty = none, or the sweep's name for a trial of a sweep (one group per sweep)."""
     peak_flops: float = 0.0
@@ -235,17 +243,35 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
-    positive: dict[str, int] = {
+    positive: dict[str, float] = {
         "logging.every": cfg.logging.every,
         "checkpoint.every": cfg.checkpoint.every,
         "train.max_steps": cfg.train.max_steps,
         "train.micro_batch": cfg.train.micro_batch,
         "train.seq_len": cfg.train.seq_len,
         "dist.timeout_s": cfg.dist.timeout_s,
+        "logging.wandb_init_timeout_s": cfg.logging.wandb_init_timeout_s,
     }
     for key, number in positive.items():
         if number <= 0:
             raise ConfigError(f"{key}={number} must be a positive number")
+    non_negative: dict[str, float] = {
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.l1": cfg.optim.l1,
+        "train.early_stop_patience": cfg.train.early_stop_patience,
+        "train.early_stop_min_delta": cfg.train.early_stop_min_delta,
+    }
+    for key, number in non_negative.items():
+        if number < 0:
+            raise ConfigError(f"{key}={number} must be 0 (off) or positive")
+    if cfg.train.early_stop_patience > 0 and (
+        cfg.train.eval_every <= 0 or cfg.train.eval_batches <= 0
+    ):
+        raise ConfigError(
+            f"train.early_stop_patience={cfg.train.early_stop_patience} needs periodic "
+            f"validation, but train.eval_every={cfg.train.eval_every} and "
+            f"train.eval_batches={cfg.train.eval_batches}: set both to positive numbers"
+        )
 
 
 def register() -> None:

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pretrain.export",
         description="Export consolidated weights of a checkpoint (any strategy) to safetensors.",
     )
-    ap.add_argument("src", help="a checkpoint directory (step_*) or a run directory")
+    ap.add_argument(
+        "src", help="a run directory, <run dir>/best, or a checkpoints/step_* directory"
+    )
     ap.add_argument("out", help="output .safetensors file")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     args = ap.parse_args(argv)

@@ -1,14 +1,19 @@
 """Where training metrics go: the console, `<run.dir>/metrics.jsonl`, and W&B.
 
-Only rank 0 writes (through `is_main()`). W&B is best effort: a failure to start or to log is
-reported once and training goes on without it.
+Only rank 0 writes (through `is_main()`). W&B is best effort once started: a failure to log is
+reported once and training goes on without it. Starting it is where the modes differ (see
+`Metrics`): on a machine that cannot reach W&B, `auto` logs offline at once and says how to
+upload later, `online` stops the run before it trains without the record it asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pretrain import dist
 from pretrain.dist import is_main
 
 
@@ -54,7 +60,42 @@ def _fmt(key: str, v: Any) -> str:
     return f"{key} {v}"
 
 
+class WandbUnavailable(RuntimeError):
+    """`logging.wandb_mode=online` and W&B could not start a run: the user asked for an online
+    record, so the run stops before training instead of training without one."""
+
+
+def offline_records(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The `.wandb` files of run `run_id`'s offline segments under `wandb_dir` that `wandb sync`
+    has not uploaded yet (it marks an uploaded file with a `<file>.synced` next to it)."""
+    files = wandb_dir.glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb")
+    return sorted(f for f in files if not f.with_name(f.name + ".synced").exists())
+
+
+def sync_command(wandb_dir: Path) -> str:
+    """The command that uploads every offline segment under `wandb_dir` (it skips uploaded ones
+    and online runs), runnable from any directory."""
+    return f"wandb sync {shlex.quote(str(wandb_dir.resolve()))}"
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: W&B's errors span lines (the cause comes last)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: " + " | ".join(lines)
+
+
 class Metrics:
+    """Rank 0's sinks for the run's metrics. Construction is a collective in
+    `logging.wandb_mode=online` (every rank learns whether W&B started, and all stop if not).
+
+    W&B modes: `offline` and `disabled` as W&B defines them. `online` must reach the server
+    within `init_timeout_s` (W&B's own `init_timeout`) or the run fails with `WandbUnavailable`.
+    `auto`: `WANDB_MODE` if that says offline/disabled; offline without `WANDB_API_KEY`; else
+    online, falling back to offline (same run id and config) when W&B cannot start within
+    `init_timeout_s`, with one line naming the `wandb sync` command, repeated by `close()`. A run
+    with an offline record here that was not uploaded yet continues offline (no wait), so that a
+    requeued job adds to the same offline run and one `wandb sync` uploads all of it."""
+
     def __init__(
         self,
         run_dir: Path,
@@ -66,43 +107,76 @@ class Metrics:
         mode: str,
         run_id: str,
         run_name: str,
-        group: str = "",
         total_steps: int,
         start_step: int,
         progress: bool,
+        init_timeout_s: float = 7.0,
+        group: str = "",
     ) -> None:
         self.main = is_main()
         self.run_dir = run_dir
         self.wandb: Any = None
         self.bar: Any = None
         self.jsonl = None
-        if not self.main:
-            return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives with the run
-        if progress and sys.stderr.isatty():
-            from tqdm import tqdm
+        self.sync_hint: str | None = None  # set when this run logs offline after asking online
+        error: str | None = None
+        if self.main:
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives with the run
+            if progress and sys.stderr.isatty():
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        if wandb_enabled and mode != "disabled":
-            self._start_wandb(config, project, entity, mode, run_id, run_name, group)
+                self.bar = tqdm(
+                    total=total_steps, initial=start_step, unit="step", dynamic_ncols=True
+                )
+            if wandb_enabled and mode != "disabled":
+                kwargs = dict(
+                    project=project, entity=entity, run_id=run_id, name=run_name, group=group
+                )
+                error = self._start_wandb(config, mode, init_timeout_s, **kwargs)
+        if wandb_enabled and mode == "online":
+            error = _from_rank0(error)
+        if error is not None:
+            self.close()
+            raise WandbUnavailable(error)
 
     def _start_wandb(
         self,
         config: dict,
+        mode: str,
+        timeout_s: float,
+        *,
         project: str,
         entity: str,
-        mode: str,
         run_id: str,
         name: str,
         group: str = "",
-    ) -> None:
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        try:
-            import wandb
+    ) -> str | None:
+        """Start the W&B run (rank 0). Returns the error message when online mode failed."""
+        import wandb
 
+        wandb_dir = self.run_dir / "wandb"
+        requested = mode
+        if mode == "auto":
+            env_mode = os.environ.get("WANDB_MODE", "").lower()
+            if env_mode in ("offline", "disabled", "dryrun"):
+                mode = "disabled" if env_mode == "disabled" else "offline"
+            elif not os.environ.get("WANDB_API_KEY"):
+                mode = "offline"
+            elif offline_records(wandb_dir, run_id):
+                mode = "offline"
+                self.sync_hint = sync_command(wandb_dir)
+                self.print(
+                    f"W&B: run {run_id} logged offline before; continuing its offline record "
+                    f"(going online now would split it). Upload later: {self.sync_hint}"
+                )
+            else:
+                mode = "online"
+        if mode == "disabled":
+            return None
+
+        def start(mode: str) -> Any:
             # resume="allow": the same id continues the same run after a restart or requeue.
-            self.wandb = wandb.init(
+            return wandb.init(
                 project=project,
                 entity=entity or None,
                 id=run_id,
@@ -112,11 +186,43 @@ class Metrics:
                 mode=mode,  # type: ignore[arg-type]
                 dir=str(self.run_dir),
                 config=config,
-                settings=wandb.Settings(silent=True, console="off"),
+                settings=wandb.Settings(silent=True, console="off", init_timeout=timeout_s),
             )
+
+        if mode == "online":
+            before = set(wandb_dir.glob(f"run-*-{run_id}*"))
+            t0 = time.monotonic()
+            try:
+                self.wandb = start("online")
+                return None
+            except Exception as e:  # noqa: BLE001 - any failure to start means "not online"
+                waited, cause = time.monotonic() - t0, _one_line(e)
+            # The failed run still holds its id in W&B's service process, and left a directory
+            # with nothing of the run in it: free both, so the offline run can take the id and
+            # no empty "online" run sits next to it.
+            with contextlib.suppress(Exception):
+                wandb.teardown()
+            for leftover in set(wandb_dir.glob(f"run-*-{run_id}*")) - before:
+                shutil.rmtree(leftover, ignore_errors=True)
+            url = wandb.Settings().base_url
+            if requested == "online":
+                return (
+                    f"logging.wandb_mode=online but W&B could not start a run at {url} within "
+                    f"{waited:.1f} s ({cause}). Nothing was trained. Check the network and "
+                    "WANDB_API_KEY, or use logging.wandb_mode=auto (falls back to offline and "
+                    "prints the `wandb sync` command) or logging.wandb_mode=offline"
+                )
+            self.sync_hint = sync_command(wandb_dir)
+            self.print(
+                f"W&B: could not reach {url} within {waited:.1f} s ({cause}); logging offline "
+                f"instead to {wandb_dir}. Upload later: {self.sync_hint}"
+            )
+        try:
+            self.wandb = start("offline")
         except Exception as e:  # noqa: BLE001 - W&B must never stop training
-            self.warn(f"W&B disabled: could not start a run ({type(e).__name__}: {e})")
-            self.wandb = None
+            self.warn(f"W&B disabled: could not start a run ({_one_line(e)})")
+            self.wandb, self.sync_hint = None, None
+        return None
 
     def warn(self, msg: str) -> None:
         if self.main:
@@ -153,15 +259,31 @@ class Metrics:
             self.bar.refresh()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
         if self.wandb is not None:
             try:
                 self.wandb.finish()
             except Exception as e:  # noqa: BLE001
                 self.warn(f"W&B finish failed ({type(e).__name__}: {e})")
+            self.wandb = None
+            if self.sync_hint:
+                self.print(f"W&B: this run was logged offline. Upload it with: {self.sync_hint}")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+
+
+def _from_rank0(error: str | None) -> str | None:
+    """Rank 0's `error` on every rank (a collective when a process group exists)."""
+    if not dist.initialized() or dist.world_size() == 1:
+        return error
+    import torch.distributed as tdist
+
+    box = [error]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from pretrain.tokenizer import Tokenizer
 @dataclass
 class SampleConfig:
     checkpoint: str = "runs/demo"
-    """A run directory (its newest checkpoint is used) or a checkpoints/step_* directory."""
+    """A run directory (its newest checkpoint), <run dir>/best, or a checkpoints/step_* dir."""
     prompt: str = ""
     """Text to continue (empty = start from BOS/EOS)."""
     num_samples: int = 2

@@ -4,10 +4,11 @@ One `train(cfg)` that reads top to bottom: setup, build, resume, loop, teardown.
 same under `python`, `torchrun` and `accelerate launch`; the strategy (`strategy=...`) is the
 engine's business, not the loop's.
 
-Exit status: 0 when max_steps (or train.stop_at_step) is reached; 75 (EX_TEMPFAIL) after
+Exit status: 0 when max_steps (or train.stop_at_step) is reached or early stopping ends the run
+(`train.early_stop_patience`: saved, `best` marked); 75 (EX_TEMPFAIL) after
 SIGTERM/SIGUSR1, acted on at the next logging step with a checkpoint saved, so that a launcher
-requeues the job; 1 with a one-line message for a bad config, bad data, a NaN loss or a failed
-checkpoint save.
+requeues the job; 1 with a one-line message for a bad config, bad data, a NaN loss, a failed
+checkpoint save, or W&B that cannot start with logging.wandb_mode=online.
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config, ConfigError, check_overrides, to_dict, validate
 from pretrain.data.loader import TokenLoader
 from pretrain.data.shards import DataError, is_local, local_path, read_manifest
+from pretrain.early_stopping import EarlyStopping
 from pretrain.engine import Engine, create_engine
 from pretrain.failpoint import failpoint
 from pretrain.flops import flops_per_token, peak_flops
-from pretrain.metrics import Metrics, memory_bytes, new_run_id, plot_loss_curve
+from pretrain.metrics import (
+    Metrics,
+    WandbUnavailable,
+    memory_bytes,
+    new_run_id,
+    plot_loss_curve,
+)
 from pretrain.model import GPTConfig
 from pretrain.optim import build_optimizer, lr_at
 from pretrain.sweep import trial as sweep_trial
@@ -106,7 +114,9 @@ def evaluate(engine: Engine, cfg: Config, data_dir: str) -> dict[str, float]:
     """Validation loss and perplexity over `train.eval_batches` micro-batches of the val split.
 
     Every rank evaluates the same val batches: sharded strategies need every rank in every
-    forward, and the val split is small. The mean is therefore already global."""
+    forward, and the val split is small. The mean is therefore already global; averaging it
+    over ranks once more makes it the same number on every rank, bit for bit, which the
+    decisions taken on it (early stopping, best checkpoints) rely on."""
     loader = TokenLoader(
         data_dir,
         "val",
@@ -122,7 +132,7 @@ def evaluate(engine: Engine, cfg: Config, data_dir: str) -> dict[str, float]:
         n += 1
         if n >= cfg.train.eval_batches:
             break
-    val = float(total.item() / max(n, 1))
+    val = float(engine.all_reduce_mean(total / max(n, 1)).item())
     return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
 
@@ -246,14 +256,17 @@ def train(cfg: Config) -> RunEnd:
 
     # ---- resume --------------------------------------------------------------------------
     ckpt = Checkpointer(run_dir, cfg.checkpoint, resolved, cfg.train.max_steps)
+    stopper = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
     resume_from = ckpt.resume_point()
     step, tokens_seen, run_id, loader_states = 0, 0, new_run_id(), None
     if resume_from is not None:
         saved = ckpt.restore(resume_from, engine)
         step, tokens_seen, loader_states = saved["step"], saved["tokens_seen"], saved["loader"]
-        # The same W&B run continues only in the same run directory; a run branched from
-        # another run's checkpoint gets a run of its own.
-        run_id = saved["wandb_run_id"] if ckpt.same_run(resume_from) else run_id
+        # The same W&B run and the same early-stopping count continue only in the same run
+        # directory; a run branched from another run's checkpoint starts its own.
+        if ckpt.same_run(resume_from):
+            run_id = saved["wandb_run_id"]
+            stopper.load_state_dict(saved.get("early_stopping"))
     train_loader = TokenLoader(
         data_dir,
         "train",
@@ -281,6 +294,7 @@ def train(cfg: Config) -> RunEnd:
         total_steps=cfg.train.max_steps,
         start_step=step,
         progress=cfg.logging.progress,
+        init_timeout_s=cfg.logging.wandb_init_timeout_s,
         group=cfg.logging.wandb_group,
     )
     pruner = sweep_trial.Pruner(cfg, run_dir)  # a trial of an Optuna sweep reports to its study
@@ -291,6 +305,11 @@ def train(cfg: Config) -> RunEnd:
         f"accum {accum}) | run dir {run_dir}"
         + (f" | resumed from {resume_from} (step {step})" if resume_from else "")
     )
+    if stopper.should_stop:
+        metrics.print(
+            f"nothing to train: this run stopped early at step {step}: {stopper.reason}. "
+            "To train on, raise train.early_stop_patience (or set it to 0)."
+        )
 
     # ---- loop ----------------------------------------------------------------------------
     batches = iter(train_loader)
@@ -299,7 +318,7 @@ def train(cfg: Config) -> RunEnd:
     guard = DivergenceGuard(engine)
     meter = Throughput(engine, tokens_per_step, flops_per_token(model_cfg, cfg.train.seq_len))
     exit_code, pruned = 0, False
-    while step < cfg.train.max_steps:
+    while step < cfg.train.max_steps and not stopper.should_stop:
         step_loss = torch.zeros((), device=engine.device)
         for micro in range(accum):
             x, y = next(batches)  # [micro_batch, seq_len] each
@@ -317,26 +336,28 @@ def train(cfg: Config) -> RunEnd:
         # Ranks agree on a signal at logging steps only (they synchronise there anyway).
         preempted = log_now and engine.any_rank(preempt.signum is not None)
         stopping = 0 < cfg.train.stop_at_step <= step
-        save_now = ckpt.due(step, stop=preempted or stopping)
-        if log_now or save_now:
-            guard.check(step, ckpt.latest())
         if log_now:
+            guard.check(step, ckpt.latest())
             values = meter.flush()
             metrics.log(step, {"loss": values.pop("loss"), "lr": lr,
                                "grad_norm": float(grad_norm.item()), **values,
                                "tokens_seen": tokens_seen})  # fmt: skip
         metrics.advance(step)
         with meter.paused():
+            new_best = False
             if eval_due(cfg, step):
-                values = evaluate(engine, cfg, data_dir)
-                metrics.log(step, values)
-                pruned = engine.any_rank(pruner.report(step, values))
-            if save_now:
+                val = evaluate(engine, cfg, data_dir)
+                metrics.log(step, val)
+                new_best = stopper.observe(step, val["val_loss"])
+                pruned = engine.any_rank(pruner.report(step, val))  # the sweep's pruner: stop?
+            stop = preempted or stopping or stopper.should_stop or pruned
+            if ckpt.due(step, stop=stop, best=new_best):
+                guard.check(step, ckpt.latest())  # weights that saw a NaN are never saved
                 train_state = {"tokens_seen": tokens_seen, "epoch": train_loader.epoch,
-                               "wandb_run_id": run_id, "strategy": engine.name}  # fmt: skip
-                metrics.print(
-                    f"saved checkpoint {ckpt.save(step, engine, train_state, train_loader)}"
-                )
+                               "wandb_run_id": run_id, "strategy": engine.name,
+                               "early_stopping": stopper.state_dict()}  # fmt: skip
+                path = ckpt.save(step, engine, train_state, train_loader, best=new_best)
+                metrics.print(f"saved checkpoint {path}" + (" (best)" if new_best else ""))
         if preempted:
             metrics.print(f"preempted (signal {preempt.signum}) at step {step}: saved, exiting")
             # At max_steps the run is done: nothing left to requeue for.
@@ -345,14 +366,20 @@ def train(cfg: Config) -> RunEnd:
         if stopping:
             metrics.print(f"train.stop_at_step={step} reached: saved, exiting")
             break
+        if stopper.should_stop:
+            metrics.print(
+                f"early stop at step {step}: {stopper.reason}. Saved, exiting; the best "
+                f"checkpoint is {ckpt.root / checkpoint.BEST} -> {ckpt.best}"
+            )
+            break
         if pruned:
-            metrics.print(f"pruned at step {step}: the sweep's pruner stopped this trial")
+            metrics.print(f"pruned at step {step}: the sweep's pruner stopped this trial; saved")
             break
 
     # ---- teardown ------------------------------------------------------------------------
     dist.stop_watching()  # ranks that finish first must not look like failures to the rest
     metrics.close()
-    if dist.is_main() and step == cfg.train.max_steps:
+    if dist.is_main() and (step == cfg.train.max_steps or stopper.should_stop or pruned):
         try:
             plot_loss_curve(run_dir)
         except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
@@ -379,7 +406,13 @@ def setup_run_dir(run_dir: Path, resolved: dict[str, Any], data_dir: str, manife
     return expected
 
 
-EXPECTED_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteLoss)
+EXPECTED_ERRORS = (
+    ConfigError,
+    DataError,
+    checkpoint.CheckpointError,
+    NonFiniteLoss,
+    WandbUnavailable,
+)
 
 
 def run(cfg: DictConfig) -> tuple[RunEnd | None, str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import resource
 import signal
 import subprocess
@@ -15,8 +17,9 @@ import torch
 from pretrain import checkpoint
 from pretrain.metrics import read_metrics
 from pretrain.model import GPT, GPTConfig
-from tests.conftest import REPO, test_env
+from tests.conftest import REPO, test_env, torchrun
 from tests.wandb_offline import find_offline_runs, read_history, read_run_info
+from tests.wandb_offline import read_config as read_wandb_config
 
 
 def train_cli(
@@ -332,3 +335,236 @@ def test_one_timeline_per_run_dir(tiny_data: Path, tmp_path: Path) -> None:
     assert names == ["step_0000003", "step_0000006"]  # debug keeps the last 2
     found = checkpoint.find_resume(run / "checkpoints", "auto")
     assert found is not None and found.name == "step_0000006"
+
+
+# ---- W&B on a machine that cannot reach it (this one: no internet) -------------------------
+
+# A key of the right shape: W&B accepts it locally and only the server could refuse it.
+FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
+# The issue's bound on deciding that W&B is unreachable (the default init timeout is 7 s; W&B's
+# service start-up comes on top).
+DECIDE_WITHIN_S = 10.0
+
+
+def no_internet_env(tmp_path: Path) -> dict[str, str]:
+    """A user's environment with a W&B key, W&B's mode left to the config, W&B's own config and
+    cache in the test's directory."""
+    env = test_env(
+        WANDB_API_KEY=FAKE_WANDB_KEY,
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+    )
+    env.pop("WANDB_MODE")
+    return env
+
+
+def waited_s(line: str) -> float:
+    import re
+
+    m = re.search(r"within ([0-9.]+) s", line)
+    assert m, line
+    return float(m.group(1))
+
+
+@pytest.mark.timeout(300)
+def test_auto_mode_without_internet_logs_offline_and_a_requeue_continues_the_run(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    run, env = tmp_path / "run", no_internet_env(tmp_path)
+    wb = ("logging.wandb=true", "logging.wandb_mode=auto", "checkpoint.every=100")
+    first = ok(train_cli(tiny_data, run, "train.max_steps=10", "train.stop_at_step=5", *wb,
+                         env=env))  # fmt: skip
+    (line,) = [ln for ln in first.stdout.splitlines() if "could not reach" in ln]
+    assert waited_s(line) < DECIDE_WITHIN_S, line
+    command = f"wandb sync {run / 'wandb'}"
+    assert line.endswith(f"logging offline instead to {run / 'wandb'}. Upload later: {command}")
+    # The run's end repeats the command.
+    assert first.stdout.rstrip().endswith(f"Upload it with: {command}"), first.stdout[-500:]
+    # Nothing but the offline record: the failed online attempt left no run directory.
+    dirs = [p.name for p in (run / "wandb").iterdir() if p.is_dir() and not p.is_symlink()]
+    assert len(dirs) == 1 and dirs[0].startswith("offline-run-"), dirs
+
+    # The requeued job (same run dir, resume=auto) continues the offline run without waiting.
+    second = ok(train_cli(tiny_data, run, "train.max_steps=10", *wb, env=env))
+    assert "could not reach" not in second.stdout
+    assert "continuing its offline record" in second.stdout
+    assert second.stdout.rstrip().endswith(f"Upload it with: {command}")
+
+    files = find_offline_runs(run / "wandb")
+    assert len(files) == 2 and all(f.parent.name.startswith("offline-run-") for f in files)
+    info = read_run_info(run / "wandb")  # raises if the files name different run ids
+    assert [s["resume"] for s in info["segments"]] == [True, True]
+    saved = json.loads((run / "checkpoints" / "step_0000010" / "train_state.json").read_text())
+    assert info["run_id"] == saved["wandb_run_id"]
+    # The metrics read back from the offline files are the run's metrics, every step once.
+    history = {int(r["_step"]): r for r in read_history(run / "wandb") if "loss" in r}
+    jsonl = losses(run)
+    assert sorted(history) == sorted(jsonl) == list(range(1, 11))
+    for step, loss in jsonl.items():
+        assert history[step]["loss"] == pytest.approx(loss, rel=1e-6)
+    # Same config as a plain offline run: the resolved config.
+    assert read_wandb_config(run / "wandb")["train"]["max_steps"] == 10
+
+    # The printed command names exactly these files (a dry run needs no network or login).
+    proc = subprocess.run(
+        [sys.executable, "-m", "wandb", "sync", "--dry-run", str(run / "wandb")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Would sync 2 run(s)" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_online_mode_without_internet_fails_fast_on_every_rank(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """2 ranks: rank 0 cannot start W&B, and both stop with the message (no rank is left
+    waiting in a collective for the other)."""
+    run = tmp_path / "run"
+    proc = torchrun(
+        2,
+        ["-m", "pretrain.train", "experiment=debug", f"data.dir={tiny_data}", f"run.dir={run}",
+         "strategy=ddp", "logging.wandb=true", "logging.wandb_mode=online", "dist.timeout_s=120"],
+        env=no_internet_env(tmp_path),
+        timeout=240,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if "error: logging.wandb_mode=online" in ln]
+    assert len(errors) == 2, proc.stderr[-3000:]  # each rank says why it stopped
+    assert "Nothing was trained" in errors[0] and "logging.wandb_mode=auto" in errors[0]
+    assert waited_s(errors[0]) < DECIDE_WITHIN_S
+    # A message, not a traceback (torchrun prints its own for the failed workers).
+    assert str(REPO / "pretrain") not in proc.stderr, proc.stderr[-3000:]
+    assert not (run / "checkpoints").exists()
+    assert not [r for r in read_metrics(run) if "loss" in r]
+
+
+# ---- regularisation: early stopping, L1 -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def overfit_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus a 0.5M-parameter model overfits within ~150 steps: 4 stdlib files, split into
+    ~3 train documents (~10k tokens) and a val document."""
+    from pretrain.prepare import run_prepare
+    from tests.data_fixtures import make_corpus, tiny_config
+
+    root = tmp_path_factory.mktemp("overfit")
+    corpus = make_corpus(root / "corpus", n_files=4)
+    data = run_prepare(tiny_config(corpus, root / "data", val_fraction=0.4))
+    splits = json.loads((data / "manifest.json").read_text())["splits"]
+    assert splits["train"]["shards"] and splits["val"]["shards"]
+    return data
+
+
+# debug model widened to 128 (0.48M parameters), no weight decay, a constant 3e-3: on ~10k train
+# tokens the training loss falls steadily and the validation loss turns up within ~150 steps.
+OVERFIT = ("model.n_embd=128", "optim.lr=3e-3", "optim.weight_decay=0", "schedule=constant",
+           "schedule.warmup_steps=5", "train.max_steps=1000", "train.eval_every=20",
+           "train.eval_batches=4", "logging.every=20", "checkpoint.every=1000",
+           "checkpoint.keep_last=1", "train.early_stop_patience=3",
+           "train.early_stop_min_delta=0.001")  # fmt: skip
+
+
+def expected_stop(val: list[tuple[int, float]], patience: int, min_delta: float) -> tuple:
+    """(stop step, best step, best loss) recomputed from the logged validation losses."""
+    best, best_step, bad = math.inf, 0, 0
+    for step, loss in val:
+        if loss < best - min_delta:
+            best, best_step, bad = loss, step, 0
+        else:
+            bad += 1
+        if bad == patience:
+            return step, best_step, best
+    raise AssertionError(f"no early stop in {val}")
+
+
+@pytest.mark.timeout(300)
+def test_early_stopping_on_an_overfitting_run(overfit_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    out = ok(train_cli(overfit_data, run, *OVERFIT))
+    rows = read_metrics(run)
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    train = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    stop, best_step, best = expected_stop(val, patience=3, min_delta=0.001)
+    assert stop < 1000 and val[-1][0] == stop == max(train)  # nothing trained after the stop
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("early stop at step")]
+    assert line.startswith(f"early stop at step {stop}: the validation loss has not improved")
+    assert f"best {best:.4f} at step {best_step}" in line and "step_" in line
+    # It stopped because the run overfit: training loss kept falling, validation loss rose.
+    assert train[stop] < train[best_step] and val[-1][1] > best
+
+    # `best` next to `latest`, kept although keep_last=1.
+    root = run / "checkpoints"
+    names = [p.name for p in checkpoint.list_checkpoints(root)]
+    assert names == [checkpoint.step_dir_name(best_step), checkpoint.step_dir_name(stop)]
+    assert checkpoint.read_pointer(root, "best") == names[0]
+    assert checkpoint.read_pointer(root, "latest") == names[1]
+    # Every consumer finds it in one place, by any of its names.
+    for name in (run / "best", root / "best"):
+        assert checkpoint.resolve(name) == root / names[0]
+    assert checkpoint.resolve(run / "latest") == checkpoint.resolve(run) == root / names[1]
+
+    # `best` holds the weights that scored the best validation loss: score them again, the way
+    # evaluate() does (first eval_batches micro-batches of the val split, in order). Same model
+    # and data in fp32, another process (and thread count): the loss is a mean over 1024 tokens
+    # of log-softmaxes over 512 logits, so reduction-order noise is within (1024 + 512)·u ≈ 1e-4
+    # relative (u = 2^-24). The stop checkpoint scores distinctly worse (the run overfit).
+    from pretrain.data.loader import TokenLoader
+    from pretrain.sample import load_model
+
+    def val_loss(ckpt: Path) -> float:
+        model, _ = load_model(ckpt)
+        cfg = checkpoint.read_config(ckpt)
+        loader = TokenLoader(overfit_data, "val", 64, 4, seed=cfg["data"]["seed"], loop=False)
+        with torch.no_grad():
+            batch_losses = [float(model(x, y)[1]) for x, y in itertools.islice(loader, 4)]
+        return sum(batch_losses) / len(batch_losses)
+
+    assert val_loss(run / "best") == pytest.approx(best, rel=1e-4)
+    assert val_loss(run / "latest") == pytest.approx(val[-1][1], rel=1e-4)
+    assert val[-1][1] - best > 10 * 1e-4 * best  # ten times the tolerance apart
+
+    # Resuming (resume=auto, as a requeued job would) does not train on.
+    again = ok(train_cli(overfit_data, run, *OVERFIT))
+    assert f"nothing to train: this run stopped early at step {stop}" in again.stdout
+    assert read_metrics(run) == rows
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == names
+
+
+@pytest.mark.timeout(200)
+def test_large_l1_zeroes_most_matmul_weights_on_the_test_corpus(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """optim.l1=2 with the debug schedule (lr up to 1e-3): a shrinkage of up to 2e-3 per step,
+    more than an Adam step moves a weight, against weights initialised with std 0.02. Most of
+    the weight-decay group ends at exactly zero. Biases, norm gains and position embeddings
+    are outside it: shrunk the same way, position embeddings (std 0.02 too) would mostly vanish
+    and biases (which start at 0) could never leave zero."""
+    from pretrain.optim import param_groups
+
+    run = tmp_path / "run"
+    ok(train_cli(tiny_data, run, "train.max_steps=20", "optim.l1=2"))
+    cfg = checkpoint.read_config(run)
+    torch.manual_seed(cfg["run"]["seed"])  # the engine builds the model from run.seed
+    init = GPT(GPTConfig(**cfg["model"]))
+    decay_ids = {id(p) for p in param_groups(init, 0.1)[0]["params"]}
+    decay = [n for n, p in init.named_parameters() if id(p) in decay_ids]
+    rest = [n for n, p in init.named_parameters() if id(p) not in decay_ids]
+    final = checkpoint.load_model_weights(run)
+
+    def small(weights: dict[str, torch.Tensor], names: list[str]) -> float:
+        """Fraction of the elements of `names` whose magnitude is below 1e-6."""
+        assert names
+        total = sum(weights[n].numel() for n in names)
+        return sum(int((weights[n].abs() < 1e-6).sum()) for n in names) / total
+
+    start = {n: p.detach() for n, p in init.named_parameters()}
+    assert small(start, decay) < 1e-3 and small(final, decay) > 0.5
+    assert small(final, [n for n in rest if "wpe" in n]) < 0.01
+    # Some biases get an exactly zero gradient and keep their 0 (the attention key bias: a
+    # shift shared by all keys leaves the softmax unchanged); the others moved off it.
+    assert small(final, [n for n in rest if n.endswith(".bias")]) < 0.5
+    gains = [n for n in rest if "ln" in n and n.endswith(".weight")]
+    assert gains and all(final[n].min() > 0.5 for n in gains)  # norm gains stay near 1
