@@ -8,7 +8,9 @@ Exit status: 0 when max_steps (or train.stop_at_step) is reached or early stoppi
 (`train.early_stop_patience`: saved, `best` marked); 75 (EX_TEMPFAIL) after
 SIGTERM/SIGUSR1, acted on at the next logging step with a checkpoint saved, so that a launcher
 requeues the job; 1 with a one-line message for a bad config, bad data, a NaN loss, a failed
-checkpoint save, or W&B that cannot start with logging.wandb_mode=online.
+checkpoint save, or W&B that cannot start with logging.wandb_mode=online. In a multirun (`-m`,
+pretrain/sweep/) a trial's result or failure goes to the sweeper instead, which goes on (or
+stops, as configured); a preempted trial still ends the whole sweep with 75.
 """
 
 from __future__ import annotations
@@ -452,11 +454,12 @@ def _main(cfg: DictConfig) -> float | None:
     # Hydra's basic launcher runs the next trial in this same process.
     with sweep_trial.restored_process() if multirun else contextlib.nullcontext():
         end, error = run(cfg)
-    code = 1 if end is None else end.exit_code
-    if code == 0 and end is not None and cfg.sweep.dir:
-        result = sweep_trial.finish(cfg, end.step, end.tokens_seen, end.pruned, started)
-        if multirun:
-            return sweep_trial.returned(result)
+        code = 1 if end is None else end.exit_code
+        result = None
+        if code == 0 and end is not None and cfg.sweep.dir:  # still holding the trial's dir
+            result = sweep_trial.finish(cfg, end.step, end.tokens_seen, end.pruned, started)
+    if result is not None and multirun:
+        return sweep_trial.returned(result)
     if code and multirun and code != EXIT_REQUEUE:
         # The sweeper records a failed trial and goes on (or stops, as it is configured).
         raise sweep_trial.TrialFailed(f"error: trial in {cfg.run.dir} failed: {error}")

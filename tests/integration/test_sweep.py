@@ -83,7 +83,7 @@ def is_png(path: Path) -> bool:
 def test_basic_grid_gives_every_trial_its_own_run(tiny_data: Path, tmp_path: Path) -> None:
     """Hydra's basic sweeper: one run per value, in its own directory with its own checkpoints
     and W&B run, the runs in one W&B group; results.csv and plots from the callback. (A second,
-    different sweep in the same directory is refused: tests/unit/test_sweep.py.)"""
+    different sweep in the same directory is refused: tests/unit/test_sweep_parts.py.)"""
     sweep = tmp_path / "grid"
     out = ok(sweep_cli(sweep, tiny_data, "optim.lr=1e-5,3e-3", "logging.wandb=true"))
     assert "resumed from" not in out.stdout  # the second trial did not take the first's state
