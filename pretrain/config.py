@@ -33,6 +33,10 @@ STRATEGIES = (
 )
 
 
+# Metrics a sweep can optimise: each is logged by the training loop (pretrain/train.py).
+OBJECTIVES = ("val_loss", "val_ppl", "loss")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
 
@@ -175,6 +179,8 @@ class LoggingConfig:
     """auto (online if WANDB_API_KEY and reachable, else offline), online, offline, disabled."""
     wandb_init_timeout_s: float = 7.0
     """Seconds to reach W&B at start before auto logs offline instead (and online fails)."""
+    wandb_group: str = ""
+    """W&B group; empty = none, or the sweep's name for a trial of a sweep (one group per sweep)."""
     peak_flops: float = 0.0
     """Peak FLOP/s per device for MFU (0 = look up the device in the peak table)."""
     progress: bool = True
@@ -195,6 +201,22 @@ class CheckpointConfig:
 class DistConfig:
     timeout_s: int = 600
     """Collective timeout: a dead or stuck rank fails the job within this many seconds."""
+
+
+@dataclass
+class SweepConfig:
+    objective: str = "val_loss"
+    """The metric a sweep optimises: a trial's result is its last logged value (val_loss, val_ppl
+    or loss); hydra.sweeper.direction says whether lower or higher is better."""
+    dir: str = ""
+    """The sweep directory this run is a trial of; set for every trial of a multirun (`-m`)."""
+    storage: str = ""
+    """Set by hydra/sweeper=optuna: the study's storage (a journal file or a database URL)."""
+    study_name: str = ""
+    """Set by hydra/sweeper=optuna: the study this run is a trial of."""
+    trial: int = -1
+    """Set by hydra/sweeper=optuna: this run's trial number (its validation losses go to the
+    study's pruner); -1 outside an Optuna sweep."""
 
 
 @dataclass
@@ -221,6 +243,8 @@ class Config:
     """Process group."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run name, directory, seed."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """Hyperparameter search: the objective, and which sweep and trial a run belongs to."""
 
 
 def validate(cfg: Config) -> None:
@@ -232,6 +256,7 @@ def validate(cfg: Config) -> None:
         "strategy.name": (cfg.strategy.name, ("auto", *STRATEGIES)),
         "logging.wandb_mode": (cfg.logging.wandb_mode, ("auto", "online", "offline", "disabled")),
         "train.device": (cfg.train.device, ("auto", "cuda", "cpu")),
+        "sweep.objective": (cfg.sweep.objective, OBJECTIVES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -294,29 +319,35 @@ def _schema_keys(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def unknown_key(key: str) -> str | None:
+    """None for a config key (or group) that exists; else what is wrong, with the closest valid
+    key and the valid keys next to it (two lines)."""
+    valid = _schema_keys(Config)
+    key = key.lstrip("+")
+    if key in GROUPS or key == "experiment" or key in valid:
+        return None
+    parent, _, leaf = key.rpartition(".")
+    siblings = sorted(k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent)
+    if not siblings:  # the parent is unknown too: compare the first part with the top level
+        parent, leaf = "", key.split(".")[0]
+        siblings = sorted(k for k in valid if "." not in k)
+    close = difflib.get_close_matches(leaf, siblings, n=1)
+    hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+    where = parent or "<top level>"
+    return f"unknown config key '{key}'.{hint}\nValid keys under '{where}': {', '.join(siblings)}"
+
+
 def check_overrides(argv: list[str]) -> None:
     """Fail early, with the valid keys, on a command-line override naming an unknown key.
 
     Hydra would refuse it too, but only says the key is not in the struct."""
-    valid = _schema_keys(Config)
     for arg in argv:
         if "=" not in arg or arg.startswith(("-", "hydra.", "hydra/", "+hydra", "~")):
             continue
-        key = arg.split("=", 1)[0].lstrip("+")
-        if key in GROUPS or key == "experiment" or key in valid:
-            continue
-        parent, _, leaf = key.rpartition(".")
-        siblings = sorted(k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent)
-        if not siblings:
-            siblings = sorted(k for k in valid if "." not in k)
-            parent = "<top level>"
-        close = difflib.get_close_matches(leaf, siblings, n=1)
-        hint = f" Did you mean '{(parent + '.') if '.' in key else ''}{close[0]}'?" if close else ""
-        sys.stderr.write(
-            f"error: unknown config key '{key}'.{hint}\n"
-            f"Valid keys under '{parent}': {', '.join(siblings)}\n"
-        )
-        raise SystemExit(2)
+        problem = unknown_key(arg.split("=", 1)[0])
+        if problem is not None:
+            sys.stderr.write(f"error: {problem}\n")
+            raise SystemExit(2)
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 
@@ -34,6 +35,41 @@ def world_size() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def adopt_slurm_tasks(env: MutableMapping[str, str] | None = None) -> bool:
+    """Describe the process group in torchrun's variables when Slurm started every rank itself
+    (`srun` with several tasks, as Hydra's submitit launcher does) and no torchrun is in
+    between. Returns whether it did. Under torchrun (RANK set) nothing changes.
+
+    The rendezvous is the first node of the allocation, on a port derived from the job id, so
+    that two jobs on the same nodes never share one (the rule launch/slurm/train.sbatch uses)."""
+    env = os.environ if env is None else env
+    # The step's task count: SLURM_NTASKS is also set in a batch script, which is one process.
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if "RANK" in env or "SLURM_PROCID" not in env or ntasks < 2:
+        return False
+    nodes = int(env.get("SLURM_STEP_NUM_NODES", "1") or 1)
+    env.update(
+        RANK=env["SLURM_PROCID"],
+        WORLD_SIZE=str(ntasks),
+        LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+        LOCAL_WORLD_SIZE=str(max(1, ntasks // max(1, nodes))),
+        MASTER_ADDR=env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "")),
+        MASTER_PORT=env.get("MASTER_PORT") or str(20000 + int(env["SLURM_JOB_ID"]) % 40000),
+    )
+    return True
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (`n[1-2],m3` -> `n1`), as `scontrol show hostnames`
+    would print it first."""
+    import re
+
+    m = re.match(r"([^,\[]+)(?:\[(\d+)[^\]]*\])?", nodelist.strip())
+    if not m:
+        return "127.0.0.1"
+    return m.group(1) + (m.group(2) or "")
 
 
 def is_main() -> bool:

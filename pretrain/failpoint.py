@@ -1,10 +1,11 @@
 """Named points where a test makes this process fail for real, at an exact moment.
 
-`PRETRAIN_FAILPOINT=<name>` (optionally `<name>:raise`) in a process's environment makes the
-point of that name SIGKILL the process (a crash: nothing runs after it) or, with `:raise`,
-raise `FailpointError` (an ordinary exception in the middle of the work). Tests set it for one
-process only, so "one rank dies here" needs no race against a timer. Unset, a point costs one
-string comparison.
+`PRETRAIN_FAILPOINT=<name>` (optionally `<name>@<n>`, and/or `:raise`) in a process's
+environment makes the point of that name SIGKILL the process (a crash: nothing runs after it)
+or, with `:raise`, raise `FailpointError` (an ordinary exception in the middle of the work).
+`@<n>` fires on the n-th time the process reaches the point (the first by default): e.g. in the
+second of several runs one process makes in turn. Tests set it for one process only, so "one
+rank dies here" needs no race against a timer. Unset, a point costs one string comparison.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import signal
 
 _SPEC = os.environ.get("PRETRAIN_FAILPOINT", "")
+_NAME, _, _AT = _SPEC.split(":", 1)[0].partition("@")
+_hits = 0
 
 
 class FailpointError(RuntimeError):
@@ -20,7 +23,11 @@ class FailpointError(RuntimeError):
 
 
 def failpoint(name: str) -> None:
-    if not _SPEC or _SPEC.split(":", 1)[0] != name:
+    global _hits
+    if not _SPEC or name != _NAME:
+        return
+    _hits += 1
+    if _hits < int(_AT or 1):
         return
     if _SPEC.endswith(":raise"):
         raise FailpointError(f"failpoint {name} (PRETRAIN_FAILPOINT={_SPEC})")

@@ -111,6 +111,7 @@ class Metrics:
         start_step: int,
         progress: bool,
         init_timeout_s: float = 7.0,
+        group: str = "",
     ) -> None:
         self.main = is_main()
         self.run_dir = run_dir
@@ -128,7 +129,9 @@ class Metrics:
                     total=total_steps, initial=start_step, unit="step", dynamic_ncols=True
                 )
             if wandb_enabled and mode != "disabled":
-                kwargs = dict(project=project, entity=entity, run_id=run_id, name=run_name)
+                kwargs = dict(
+                    project=project, entity=entity, run_id=run_id, name=run_name, group=group
+                )
                 error = self._start_wandb(config, mode, init_timeout_s, **kwargs)
         if wandb_enabled and mode == "online":
             error = _from_rank0(error)
@@ -146,6 +149,7 @@ class Metrics:
         entity: str,
         run_id: str,
         name: str,
+        group: str = "",
     ) -> str | None:
         """Start the W&B run (rank 0). Returns the error message when online mode failed."""
         import wandb
@@ -177,6 +181,7 @@ class Metrics:
                 entity=entity or None,
                 id=run_id,
                 name=name,
+                group=group or None,  # the trials of one sweep share a group
                 resume="allow",
                 mode=mode,  # type: ignore[arg-type]
                 dir=str(self.run_dir),

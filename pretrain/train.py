@@ -8,7 +8,9 @@ Exit status: 0 when max_steps (or train.stop_at_step) is reached or early stoppi
 (`train.early_stop_patience`: saved, `best` marked); 75 (EX_TEMPFAIL) after
 SIGTERM/SIGUSR1, acted on at the next logging step with a checkpoint saved, so that a launcher
 requeues the job; 1 with a one-line message for a bad config, bad data, a NaN loss, a failed
-checkpoint save, or W&B that cannot start with logging.wandb_mode=online.
+checkpoint save, or W&B that cannot start with logging.wandb_mode=online. In a multirun (`-m`,
+pretrain/sweep/) a trial's result or failure goes to the sweeper instead, which goes on (or
+stops, as configured); a preempted trial still ends the whole sweep with 75.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ from pretrain.model import GPTConfig
 from pretrain.optim import build_optimizer, lr_at
 from pretrain.pretrained import load_for_init
 from pretrain.pruning import keep_zeros
+from pretrain.sweep import trial as sweep_trial
 from pretrain.tokenizer import file_sha256
 
 EXIT_REQUEUE = 75
@@ -56,6 +60,16 @@ EXIT_REQUEUE = 75
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+@dataclass
+class RunEnd:
+    """How `train` ended: the exit status, and where the run got to."""
+
+    exit_code: int
+    step: int
+    tokens_seen: int
+    pruned: bool = False  # stopped by the sweep's pruner (pretrain.sweep.trial.Pruner)
 
 
 class Preemption:
@@ -224,7 +238,7 @@ def model_config(cfg: Config, vocab_size: int, data_dir: str) -> GPTConfig:
         raise ConfigError(str(e)) from e
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config) -> RunEnd:
     # ---- setup: config, data, process group, run directory -------------------------------
     preempt = Preemption()  # first: a signal during a slow startup must not kill us unsaved
     validate(cfg)  # type: ignore[arg-type]
@@ -299,7 +313,9 @@ def train(cfg: Config) -> int:
         start_step=step,
         progress=cfg.logging.progress,
         init_timeout_s=cfg.logging.wandb_init_timeout_s,
+        group=cfg.logging.wandb_group,
     )
+    pruner = sweep_trial.Pruner(cfg, run_dir)  # a trial of an Optuna sweep reports to its study
     metrics.print(
         f"pretrain: {engine.num_params / 1e6:.2f}M params | strategy {engine.name} x"
         f"{engine.world_size} ({engine.why}) on {engine.device.type} | {cfg.precision.dtype} | batch "
@@ -325,7 +341,7 @@ def train(cfg: Config) -> int:
         checkpoint.restore_rng(resume_from, engine.world_size)  # last: see restore_rng
     guard = DivergenceGuard(engine)
     meter = Throughput(engine, tokens_per_step, flops_per_token(model_cfg, cfg.train.seq_len))
-    exit_code = 0
+    exit_code, pruned = 0, False
     while step < cfg.train.max_steps and not stopper.should_stop:
         step_loss = torch.zeros((), device=engine.device)
         for micro in range(accum):
@@ -357,7 +373,9 @@ def train(cfg: Config) -> int:
                 val = evaluate(engine, cfg, data_dir)
                 metrics.log(step, val)
                 new_best = stopper.observe(step, val["val_loss"])
-            if ckpt.due(step, stop=preempted or stopping or stopper.should_stop, best=new_best):
+                pruned = engine.any_rank(pruner.report(step, val))  # the sweep's pruner: stop?
+            stop = preempted or stopping or stopper.should_stop or pruned
+            if ckpt.due(step, stop=stop, best=new_best):
                 guard.check(step, ckpt.latest())  # weights that saw a NaN are never saved
                 train_state = {"tokens_seen": tokens_seen, "epoch": train_loader.epoch,
                                "wandb_run_id": run_id, "strategy": engine.name,
@@ -379,17 +397,20 @@ def train(cfg: Config) -> int:
                 f"checkpoint is {ckpt.root / checkpoint.BEST} -> {ckpt.best}"
             )
             break
+        if pruned:
+            metrics.print(f"pruned at step {step}: the sweep's pruner stopped this trial; saved")
+            break
 
     # ---- teardown ------------------------------------------------------------------------
     dist.stop_watching()  # ranks that finish first must not look like failures to the rest
     metrics.close()
-    if dist.is_main() and (step == cfg.train.max_steps or stopper.should_stop):
+    if dist.is_main() and (step == cfg.train.max_steps or stopper.should_stop or pruned):
         try:
             plot_loss_curve(run_dir)
         except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
             metrics.print(f"warning: no loss curve ({type(e).__name__}: {e})")
     dist.barrier()
-    return exit_code
+    return RunEnd(exit_code, step, tokens_seen, pruned)
 
 
 def setup_run_dir(run_dir: Path, resolved: dict[str, Any], data_dir: str, manifest: Any) -> str:
@@ -424,10 +445,13 @@ EXPECTED_ERRORS = (
 )
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
-def _main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> tuple[RunEnd | None, str]:
+    """`train`, with expected failures turned into (None, their message)."""
     try:
-        code = train(cfg)  # type: ignore[arg-type]
+        if cfg.sweep.dir:
+            sweep_trial.check(cfg)
+            sweep_trial.claim_run_dir(cfg)  # a trial only ever continues as itself
+        return train(cfg), ""  # type: ignore[arg-type]
     except BaseException as e:
         if isinstance(e, SystemExit) and not e.code:
             raise
@@ -437,26 +461,62 @@ def _main(cfg: DictConfig) -> None:
         if not isinstance(e, EXPECTED_ERRORS):
             if first:
                 raise  # a bug: Hydra prints the traceback
-            code = 1
-        else:
+        elif first:
             # Expected failures get their message, not a traceback.
-            if first:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            code = 1
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
         if dist.initialized():
             with contextlib.suppress(Exception):  # best effort on the way out
                 torch.distributed.destroy_process_group()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def _main(cfg: DictConfig) -> float | None:
+    """One run; in a multirun (`-m`), one trial, whose objective goes back to the sweeper."""
+    multirun = sweep_trial.in_multirun()
+    if multirun:
+        sweep_trial.prepare(cfg)  # its own run dir, a W&B run in the sweep's group
+    dist.adopt_slurm_tasks()  # srun started every rank itself (Hydra's submitit launcher)
+    started = time.time()
+    # Hydra's basic launcher runs the next trial in this same process.
+    with sweep_trial.restored_process() if multirun else contextlib.nullcontext():
+        end, error = run(cfg)
+        code = 1 if end is None else end.exit_code
+        result = None
+        if code == 0 and end is not None and cfg.sweep.dir:  # still holding the trial's dir
+            result = sweep_trial.finish(cfg, end.step, end.tokens_seen, end.pruned, started)
+    if result is not None and multirun:
+        return sweep_trial.returned(result)
+    if code and multirun and code != EXIT_REQUEUE:
+        # The sweeper records a failed trial and goes on (or stops, as it is configured).
+        raise sweep_trial.TrialFailed(f"error: trial in {cfg.run.dir} failed: {error}")
     # os._exit would skip W&B's flush; sys.exit after teardown is safe.
     sys.stdout.flush()
     if code:
-        sys.exit(code)
+        sys.exit(code)  # a preempted sweep stops as a whole, to be continued by re-running it
+    return None
 
 
 def main() -> None:
-    check_overrides(sys.argv[1:])
+    argv = sys.argv[1:]
+    if any(a in ("-m", "--multirun") for a in argv) and several_processes():
+        sys.stderr.write(
+            "error: a sweep (-m) runs in one process: started on every rank, each rank would "
+            "choose its own parameters. Run it with plain `python -m pretrain.train -m ...` and "
+            "let each trial start its processes: hydra/launcher=torchrun "
+            "hydra.launcher.nproc_per_node=N, or hydra/launcher=submitit_slurm on Slurm\n"
+        )
+        raise SystemExit(2)
+    check_overrides(argv)
     os.environ.setdefault("WANDB_SILENT", "true")
     _main()
+
+
+def several_processes() -> bool:
+    """Whether this process is one of several ranks started together (torchrun, srun -n N)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > 1 or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
 
 
 if __name__ == "__main__":

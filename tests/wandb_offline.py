@@ -265,6 +265,7 @@ def _run_record_info(f: Path) -> dict[str, Any]:
                 "project": r.project,
                 "entity": r.entity,
                 "display_name": r.display_name,
+                "group": r.run_group,
                 "start_time": r.start_time.seconds + r.start_time.nanos * 1e-9,
                 # `resume`: the process asked to resume (wandb.init(resume=...)); `resumed`: the
                 # server confirmed a resume (never set offline); `starting_step`: the step the
@@ -278,7 +279,7 @@ def _run_record_info(f: Path) -> dict[str, Any]:
 
 
 def read_run_info(path: str | Path) -> dict[str, Any]:
-    """Identity of a run: run_id, project, entity, display_name, plus `segments`, one dict per
+    """Identity of a run: run_id, project, entity, display_name, group, plus `segments`, one dict per
     file (oldest first) with that file's start_time, resume, resumed, starting_step and file.
     The top-level resume/resumed flags are those of the newest file."""
     segments = [_run_record_info(f) for f in _resolve(path)]
@@ -291,6 +292,7 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
         "project": last["project"],
         "entity": last["entity"],
         "display_name": last["display_name"],
+        "group": last["group"],
         "resume": last["resume"],
         "resumed": last["resumed"],
         "files": [s["file"] for s in segments],

@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from pretrain import checkpoint
 from pretrain.metrics import read_metrics
 from tests.conftest import REPO, test_env
 from tests.data_fixtures import tiny_data  # noqa: F401
-from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+from tests.slurm_cluster import SlurmCluster
 from tests.wandb_offline import find_offline_runs, read_history
 
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
@@ -40,19 +39,6 @@ COMMON = (
     "checkpoint.keep_last=5",
     "logging.every=1",
 )
-
-
-@pytest.fixture(scope="session")
-def slurm() -> Iterator[SlurmCluster]:
-    cluster = SlurmCluster()
-    try:
-        cluster.start()
-    except SlurmUnavailable as e:
-        pytest.skip(f"cannot run a Slurm cluster here: {e}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 class Job:

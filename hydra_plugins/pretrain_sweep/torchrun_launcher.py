@@ -1,0 +1,35 @@
+"""`hydra/launcher=torchrun`: every trial of a sweep on several processes of this machine.
+
+The implementation is `pretrain.sweep.torchrun_launcher`, imported when a sweep starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+from hydra_plugins.pretrain_sweep import config as _configs  # noqa: F401 - registers them
+
+
+class TorchrunLauncher(Launcher):
+    def __init__(self, **kwargs: Any) -> None:
+        from pretrain.sweep.torchrun_launcher import TorchrunLaunch
+
+        self.launch_impl = TorchrunLaunch(**kwargs)
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.launch_impl.setup(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        return self.launch_impl.launch(job_overrides, initial_job_idx)
