@@ -143,7 +143,7 @@ def bench_eval(data: Path, model: str, rounds: int, max_documents: int, work: Pa
     ckpt = make_checkpoint(cfg, work / "run", Path(data) / manifest.tokenizer)
     hf_dir = export_hf(ckpt, work / "hf")
     ours = load_pretrained(ckpt)
-    docs = [d for s in manifest.shards("val") for d in read_shard(manifest, s)]
+    docs = [d for s in manifest.shards("val") for d, _ in read_shard(manifest, s)]
     if max_documents:
         docs = docs[:max_documents]
     sp = data_tokenizer(manifest)

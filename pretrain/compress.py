@@ -210,7 +210,11 @@ def calibration_batches(
     from pretrain.data.loader import TokenLoader
 
     seq = min(cfg.block_size, 256)
-    it = iter(TokenLoader(data_dir, "train", seq, 8, seed=0, loop=False, allow_pipe=allow_pipe))
+    it = iter(
+        TokenLoader(
+            data_dir, "train", seq, 8, seed=0, loop=False, partitions=None, allow_pipe=allow_pipe
+        )
+    )
     out = []
     for _ in range(batches):
         try:

@@ -202,12 +202,14 @@ class ModelSizes:
 
 
 def _key(cfg: GPTConfig) -> tuple[Any, ...]:
-    return tuple(getattr(cfg, f.name) for f in fields(cfg))
+    """`cfg` as a hashable tuple (per-layer width lists as tuples) for the cache below."""
+    values = (getattr(cfg, f.name) for f in fields(cfg))
+    return tuple(tuple(v) if isinstance(v, list) else v for v in values)
 
 
 @lru_cache(maxsize=64)
 def _sizes(key: tuple[Any, ...]) -> ModelSizes:
-    cfg = GPTConfig(*key)
+    cfg = GPTConfig(*(list(v) if isinstance(v, tuple) else v for v in key))
     with torch.device("meta"):
         model = GPT(cfg)
     shapes = tuple(tuple(p.shape) for p in model.parameters())

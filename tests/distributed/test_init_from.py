@@ -119,7 +119,8 @@ def first_batches(data: Path, run: Path) -> list[tuple[torch.Tensor, torch.Tenso
     out = []
     for r in range(ws):
         loader = TokenLoader(data, "train", seq, micro, rank=r, world_size=ws,
-                             seed=cfg["data"]["seed"], num_workers=0)  # fmt: skip
+                             seed=cfg["data"]["seed"], num_workers=0,
+                             partitions=cfg["data"]["partitions"])  # fmt: skip
         it = iter(loader)
         out += [next(it) for _ in range(accum)]
     return out
@@ -186,7 +187,9 @@ def test_hf_source_reads_as_our_model_with_identical_logits(
 
     ours = load_pretrained(sources["hf"])
     theirs = AutoModelForCausalLM.from_pretrained(sources["hf"]).eval()
-    x, _ = next(iter(TokenLoader(tiny_data, "val", 128, 2, loop=False, num_workers=0)))
+    x, _ = next(
+        iter(TokenLoader(tiny_data, "val", 128, 2, loop=False, num_workers=0, partitions=None))
+    )
     with torch.no_grad():
         a, b = ours.model(x)[0][..., :512], theirs(x).logits
     # fp32 logits, the same weights, 64..128-term dot products: ~1e-7 apart.
@@ -219,7 +222,7 @@ def test_hf_export_of_two_rank_checkpoints(name: str, started: dict, tmp_path: P
     ours.eval()
     data = Path(checkpoint.read_config(ckpt)["data"]["dir"])
     manifest = read_manifest(data)
-    docs = [d for s in manifest.shards("val") for d in read_shard(manifest, s)]
+    docs = [d for s in manifest.shards("val") for d, _ in read_shard(manifest, s)]
     x = torch.tensor(np.stack([d[:128] for d in docs if len(d) >= 128][:2]).astype(np.int64))
     with torch.no_grad():
         a, b = ours(x)[0][..., :512], theirs(x).logits

@@ -88,7 +88,7 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 
 def val_batch(data: Path, n: int = 2, length: int = 128) -> torch.Tensor:
     manifest = read_manifest(data)
-    docs = [d for s in manifest.shards("val") for d in read_shard(manifest, s)]
+    docs = [d for s in manifest.shards("val") for d, _ in read_shard(manifest, s)]
     return torch.tensor(
         np.stack([d[:length] for d in docs if len(d) >= length][:n]).astype(np.int64)
     )

@@ -517,7 +517,9 @@ def test_early_stopping_on_an_overfitting_run(overfit_data: Path, tmp_path: Path
     def val_loss(ckpt: Path) -> float:
         model, _ = load_model(ckpt)
         cfg = checkpoint.read_config(ckpt)
-        loader = TokenLoader(overfit_data, "val", 64, 4, seed=cfg["data"]["seed"], loop=False)
+        loader = TokenLoader(
+            overfit_data, "val", 64, 4, seed=cfg["data"]["seed"], loop=False, partitions=None
+        )
         with torch.no_grad():
             batch_losses = [float(model(x, y)[1]) for x, y in itertools.islice(loader, 4)]
         return sum(batch_losses) / len(batch_losses)
