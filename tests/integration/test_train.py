@@ -460,7 +460,8 @@ def overfit_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # debug model widened to 128 (0.48M parameters), no weight decay, a constant 3e-3: on ~10k train
 # tokens the training loss falls steadily and the validation loss turns up within ~150 steps.
-OVERFIT = ("model.n_embd=128", "optim.lr=3e-3", "optim.weight_decay=0", "schedule=constant",
+# 16 data partitions: the ~157 train windows cannot fill the default 1024.
+OVERFIT = ("data.partitions=16", "model.n_embd=128", "optim.lr=3e-3", "optim.weight_decay=0", "schedule=constant",
            "schedule.warmup_steps=5", "train.max_steps=1000", "train.eval_every=20",
            "train.eval_batches=4", "logging.every=20", "checkpoint.every=1000",
            "checkpoint.keep_last=1", "train.early_stop_patience=3",
