@@ -22,6 +22,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
         if parts and parts[0] in TIERS:
             item.add_marker(getattr(pytest.mark, parts[0]))
+        if parts and parts[0] == "slurm":
+            # One cluster per session: under pytest-xdist (`-n`, `--dist loadgroup`) every
+            # Slurm test runs in the same worker, which brings the cluster up once.
+            item.add_marker(pytest.mark.xdist_group("slurm"))
         if item.get_closest_marker("gpu"):
             import torch
 
