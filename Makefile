@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(PY) -m pretrain.demo
 
+# One pytest-xdist worker per core (at most 4): most tests wait on child processes that run one
+# thread each. The Slurm tier runs in one worker (one cluster).
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
 
 test-unit: install
 	$(PY) -m pytest -q -m unit tests

@@ -16,6 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 TIERS = ("unit", "distributed", "integration", "slurm", "gpu")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist every worker computes in its own process: split the cores between them
+    # rather than letting each take all of them (the in-process tests' results do not depend on
+    # the thread count; their tolerances allow any reduction order).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A test's tier is the directory it lives in (tests/<tier>/...): one place, no forgotten marks.
     for item in items:
