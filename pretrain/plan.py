@@ -209,7 +209,8 @@ def _key(cfg: GPTConfig) -> tuple[Any, ...]:
 
 @lru_cache(maxsize=64)
 def _sizes(key: tuple[Any, ...]) -> ModelSizes:
-    cfg = GPTConfig(*(list(v) if isinstance(v, tuple) else v for v in key))
+    args: list[Any] = [list(v) if isinstance(v, tuple) else v for v in key]
+    cfg = GPTConfig(*args)
     with torch.device("meta"):
         model = GPT(cfg)
     shapes = tuple(tuple(p.shape) for p in model.parameters())
