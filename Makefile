@@ -52,7 +52,7 @@ format: install
 	$(VENV)/bin/ruff format pretrain tests benchmarks
 	$(VENV)/bin/ruff check --fix pretrain tests benchmarks
 
-# The figures in BENCHMARKS.md, each from its own command (about an hour on 2 quiet cores; the
+# The figures in BENCHMARKS.md, each from its own command (about two hours on 2 cores; the
 # export benchmark needs ~13 GB of scratch space under /tmp).
 bench: install
 	test -f data/demo/manifest.json || $(PY) -m pretrain.prepare output=data/demo tokenizer.vocab_size=2048
@@ -64,6 +64,10 @@ bench: install
 	$(PY) -m benchmarks.bench_hf eval --data data/demo --model small10m
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.bench_optim --model tiny --vocab 8192 --steps 50 --rounds 7
 	$(PY) -m benchmarks.bench_memory
+	test -f data/compress-bench/manifest.json || $(PY) -m pretrain.prepare output=data/compress-bench \
+		tokenizer.vocab_size=2048 val_min_documents=10 val_min_tokens=30000
+	$(PY) -m benchmarks.bench_compress --data data/compress-bench --steps 120 --finetune-steps 20 \
+		--rounds 3 --threads 1
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.bench_loss --batches 1,4 --repeats 0
 
 # ---- on a machine with a GPU -------------------------------------------------------------
