@@ -123,7 +123,7 @@ def main() -> None:
             rows.append(dict(s, name=f"{name}: {s['name']}", path=str(path)))
     models = [load_pretrained(r["path"]).model for r in rows]
     eos = load_pretrained(base).tokenizer.eos_id  # type: ignore[union-attr]
-    x, _ = next(iter(TokenLoader(args.data, "val", 256, 8, loop=True)))
+    x, _ = next(iter(TokenLoader(args.data, "val", 256, 8, loop=True, partitions=None)))
     gen: list[list[float]] = [[] for _ in rows]
     pre: list[list[float]] = [[] for _ in rows]
     for _ in range(args.rounds):
