@@ -33,10 +33,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
         if parts and parts[0] in TIERS:
             item.add_marker(getattr(pytest.mark, parts[0]))
-        if parts and parts[0] == "slurm":
-            # One cluster per session: under pytest-xdist (`-n`, `--dist loadgroup`) every
-            # Slurm test runs in the same worker, which brings the cluster up once.
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        # Under pytest-xdist (`-n`, `--dist loadgroup`) a group runs in one worker: a module's
+        # tests share its module-scoped fixtures (real runs), which a second worker would
+        # repeat; the Slurm tier is one group, because it brings up one cluster.
+        group = "slurm" if parts and parts[0] == "slurm" else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
         if item.get_closest_marker("gpu"):
             import torch
 
