@@ -29,7 +29,7 @@ demo: install
 	$(PY) -m pretrain.demo
 
 # One pytest-xdist worker per core (at most 4): most tests wait on child processes that run one
-# thread each. A module's tests run in one worker (they share its real runs), the Slurm tier too.
+# thread each (14.7 minutes on 2 quiet cores; the groups are in tests/conftest.py).
 test: install
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
 
