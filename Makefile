@@ -29,9 +29,9 @@ demo: install
 	$(PY) -m pretrain.demo
 
 # One pytest-xdist worker per core (at most 4): most tests wait on child processes that run one
-# thread each (14.7 minutes on 2 quiet cores; the groups are in tests/conftest.py).
+# thread each (14.7 minutes on 2 quiet cores).
 test: install
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 tests
 
 test-unit: install
 	$(PY) -m pytest -q -m unit tests

@@ -33,13 +33,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
         if parts and parts[0] in TIERS:
             item.add_marker(getattr(pytest.mark, parts[0]))
-        # Asks pytest-xdist (`--dist loadgroup`) to keep a module's tests, which share its
-        # module-scoped runs, and the Slurm tier, one cluster, in one worker. With
-        # pytest-xdist 3.8.0 the marks added here are not honoured yet (a module's tests were
-        # seen on both workers, its module fixtures run once per worker); the suite does not
-        # depend on it.
-        group = "slurm" if parts and parts[0] == "slurm" else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
         if item.get_closest_marker("gpu"):
             import torch
 
