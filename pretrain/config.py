@@ -185,6 +185,8 @@ class LoggingConfig:
     """Peak FLOP/s per device for MFU (0 = look up the device in the peak table)."""
     progress: bool = True
     """Show a progress bar on an interactive terminal."""
+    plot: bool = True
+    """Write loss.png (train and val loss against step) into the run dir when the run ends."""
 
 
 @dataclass

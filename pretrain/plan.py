@@ -690,8 +690,14 @@ def _phases(e: MemoryEstimate, sizes: ModelSizes, device: str, bucket: int) -> d
         e.total + (0 if offload else adam_temps), e.cpu_bytes + (adam_temps if offload else 0)
     )
     # After a step: activations and transient buffers are gone, torch strategies have freed
-    # their gradients (ZeRO keeps its gradient partition).
-    after_step = (built[0], built[1] + moments) if offload else (built[0] + moments, built[1])
+    # their gradients. ZeRO keeps its gradient partition, but in host memory ZeRO-3's 16-bit
+    # partition gives its pages back after every step (`DeepSpeedState.release_gradient_pages`)
+    # and is resident again only from the next backward on.
+    released = w * part if cpu and strategy in ("zero3", "zero3_offload") else 0
+    if offload:
+        after_step = (built[0], built[1] + moments - released)
+    else:
+        after_step = (built[0] + moments - released, built[1])
     save = PhasePeak(after_step[0] + (item if cpu else 0), after_step[1] + (0 if cpu else item))
     # A resumed process builds (init), then creates the optimizer state it loads into, then
     # reads one item at a time.

@@ -404,7 +404,8 @@ def train(cfg: Config) -> RunEnd:
     # ---- teardown ------------------------------------------------------------------------
     dist.stop_watching()  # ranks that finish first must not look like failures to the rest
     metrics.close()
-    if dist.is_main() and (step == cfg.train.max_steps or stopper.should_stop or pruned):
+    finished = step == cfg.train.max_steps or stopper.should_stop or pruned
+    if cfg.logging.plot and dist.is_main() and finished:
         try:
             plot_loss_curve(run_dir)
         except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
@@ -129,6 +130,36 @@ def release_host_memory() -> None:
         trim = None
     if trim is not None:
         trim(0)
+
+
+def release_pages(t: torch.Tensor) -> int:
+    """Give the whole memory pages of CPU tensor `t` back to the OS, keeping its address:
+    madvise(MADV_DONTNEED), after which they read as zeros and become resident again only when
+    written. For a buffer that is written before it is read in every use (as ZeRO-3's gradient
+    partition is in each backward), its memory is then resident only while it is in use.
+    Returns the bytes released: 0 for a tensor that is not in plain host memory (a GPU's, or
+    pinned, whose pages are locked) and off Linux."""
+    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return 0
+    try:
+        if t.is_pinned():
+            return 0
+    except RuntimeError:  # no accelerator to have pinned it
+        pass
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    first = -(-start // page) * page  # whole pages only: the edges may hold other data
+    last = (start + t.numel() * t.element_size()) // page * page
+    if last <= first:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.madvise(first, last - first, mmap.MADV_DONTNEED) != 0:
+        return 0
+    return last - first
 
 
 def log0(msg: str) -> None:

@@ -250,6 +250,7 @@ class ZeroEngine(Engine):
         self.internals = DeepSpeedState(self.ds, self.params)
         self.zero: Any = self.internals.zero  # DeepSpeedZeroOptimizer(_Stage3)
         self.optimizer = self.zero.optimizer  # our torch AdamW, now over flat fp32 partitions
+        self.internals.release_gradient_pages()  # allocated zeroed; first written in backward
 
     def _client_optimizer(
         self, model: nn.Module, make_optimizer: OptimizerFactory
@@ -294,6 +295,7 @@ class ZeroEngine(Engine):
         self.internals.set_clip(max_norm)
         self.ds.set_gradient_accumulation_boundary(True)
         self.ds.step()
+        self.internals.release_gradient_pages()  # resident again only in the next backward
         norm = self.ds.get_global_grad_norm()
         if norm is None:
             return torch.tensor(float("nan"))

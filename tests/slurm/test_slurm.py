@@ -26,6 +26,9 @@ from tests.data_fixtures import tiny_data  # noqa: F401
 from tests.slurm_cluster import SlurmCluster
 from tests.wandb_offline import find_offline_runs, read_history
 
+# One worker runs the Slurm tier under pytest-xdist: its modules share one session cluster.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 STEPS = 60  # a signal sent after step 2 is handled within a few steps: ample margin
 # Only the final checkpoint, plus the one a preemption writes: what is resumed is what was saved

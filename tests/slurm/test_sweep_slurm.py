@@ -25,6 +25,9 @@ from tests.conftest import REPO, test_env
 from tests.data_fixtures import tiny_data  # noqa: F401
 from tests.slurm_cluster import SlurmCluster
 
+# One worker runs the Slurm tier under pytest-xdist: its modules share one session cluster.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 STEPS = 20
 
 

@@ -66,7 +66,16 @@ def probe(strategy: str) -> dict[str, Any]:
     # A step moves the masters through the optimizer state the fragments point into.
     x = torch.randint(0, 128, (2, 16))
     engine.micro_step(x, x, True)
+    if internals.stage == 3:
+        # The gradient partition the adapter releases is the one backward writes into ...
+        grads = internals.zero.grad_partitions_flat_buffer
+        assert bool(grads.ne(0).any())
     engine.optimizer_step(1e-3, 1.0)
+    if internals.stage == 3:
+        # ... and after the step its pages are gone: zeros, but for the two partial edge pages.
+        per_page = 4096 // grads.element_size()
+        assert grads.numel() > 8 * per_page
+        assert int(grads.ne(0).sum()) <= 2 * per_page
     state = engine.state_dict()
     for name, p in reference.named_parameters():
         frag = internals.fragment(engine.raw_model.get_parameter(name))

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from pretrain.config import ConfigError
 from pretrain.engine import StrategyUnavailable, create_engine, reset_accelerate_state
-from pretrain.engine.base import storage_bytes
+from pretrain.engine.base import release_pages, storage_bytes
 from pretrain.engine.fsdp import FSDPEngine, blocks_of, hsdp_shape
 from pretrain.engine.zero import check_geometry, deepspeed_config, merge
 from pretrain.model import GPT, GPTConfig
@@ -268,6 +268,33 @@ def test_storage_bytes_counts_each_storage_once() -> None:
     assert storage_bytes([flat, *views, None]) == 400
     model = GPT(GPTConfig(**make_cfg().model))  # tied embedding: one storage
     assert storage_bytes(model.state_dict().values()) == 4 * model.num_params()
+
+
+def _rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise: Linux only")
+def test_release_pages_gives_whole_pages_back_and_keeps_the_edges() -> None:
+    import mmap
+
+    page = mmap.PAGESIZE // 4  # float32 elements per page
+    whole = torch.ones(64 * 2**20 // 4 + 2 * page)  # 64 MiB and more, every page written
+    inner = whole[page // 2 : -page // 2]  # starts and ends inside a page
+    before = _rss()
+    released = release_pages(inner)
+    after = _rss()
+    assert released >= 64 * 2**20 and released % mmap.PAGESIZE == 0
+    assert before - after >= 0.9 * released / 1024  # kB: the pages really left
+    # What was released reads as zeros; the partial pages at both edges keep their values.
+    assert int(inner.ne(0).sum()) <= 2 * page
+    assert inner[0].item() == 1.0 and inner[-1].item() == 1.0
+    assert whole[: page // 2].eq(1).all() and whole[-page // 2 :].eq(1).all()
+    inner.fill_(3.0)  # and the memory is usable again, at the same address
+    assert inner.eq(3).all()
+    assert release_pages(torch.ones(1000, device="meta")) == 0
+    assert release_pages(torch.ones(100)) == 0  # no whole page
 
 
 # ---- partitions as checkpoint boxes ----------------------------------------------------------
