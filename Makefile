@@ -29,9 +29,10 @@ demo: install
 	$(PY) -m pretrain.demo
 
 # One pytest-xdist worker per core (at most 4): most tests wait on child processes that run one
-# thread each (14.7 minutes on 2 quiet cores).
+# thread each. --dist loadgroup: a module marked xdist_group runs in one worker, so its
+# module-scoped runs happen once (and the Slurm tier's modules share one cluster).
 test: install
-	$(PY) -m pytest -q -n auto --maxprocesses 4 tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
 
 test-unit: install
 	$(PY) -m pytest -q -m unit tests
