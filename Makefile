@@ -29,10 +29,11 @@ demo: install
 	$(PY) -m pretrain.demo
 
 # One pytest-xdist worker per core (at most 4): most tests wait on child processes that run one
-# thread each. --dist loadgroup: a module marked xdist_group runs in one worker, so its
-# module-scoped runs happen once (and the Slurm tier's modules share one cluster).
+# thread each. --dist loadscope: each module runs in one worker, so its module-scoped runs
+# happen once (xdist's loadgroup marks have no effect under pytest 9.2: it renames a node id
+# through an attribute pytest no longer reads).
 test: install
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope tests
 
 test-unit: install
 	$(PY) -m pytest -q -m unit tests

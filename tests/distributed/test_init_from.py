@@ -25,9 +25,6 @@ from pretrain.model import GPT, GPTConfig
 from tests.conftest import REPO, torchrun
 from tests.distributed.test_strategies import env
 
-# One worker runs this module under pytest-xdist, so its module-scoped runs happen once.
-pytestmark = pytest.mark.xdist_group("test_init_from")
-
 LLAMA = [
     "model.norm=rmsnorm", "model.mlp=swiglu", "model.pos_emb=rope", "model.bias=false",
     "model.n_kv_head=2", "model.tie_embeddings=false", "model.mlp_hidden=128",

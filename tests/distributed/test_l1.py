@@ -20,9 +20,6 @@ import torch
 
 from tests.conftest import REPO, test_env, torchrun
 
-# One worker runs this module under pytest-xdist, so its module-scoped runs happen once.
-pytestmark = pytest.mark.xdist_group("test_l1")
-
 WORKER = str(REPO / "tests" / "distributed" / "strategy_worker.py")
 STEPS = 10
 # lr 1e-3 (debug) x l1 2 = a threshold of 2e-3 per step at peak: above the ~1e-3 an Adam step

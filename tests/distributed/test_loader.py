@@ -18,9 +18,6 @@ from pretrain.data import read_manifest
 from tests.conftest import test_env, torchrun
 from tests.data_fixtures import epoch_windows, global_stream
 
-# One worker runs this module under pytest-xdist, so its module-scoped runs happen once.
-pytestmark = pytest.mark.xdist_group("test_loader")
-
 WORKER = str(Path(__file__).with_name("loader_worker.py"))
 # 24 partitions: 2 x 2, 1 x 3 and 4 x 2 ranks x workers all divide it.
 L, B, SEED, SAVE_AT, P = 64, 8, 7, 25, 24

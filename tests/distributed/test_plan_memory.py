@@ -22,9 +22,6 @@ from pretrain.plan import buffer_bytes, estimate, model_sizes
 from tests.conftest import REPO, test_env, torchrun
 from tests.distributed.plan_worker import CASES, HSDP_REPLICAS, MICRO_BATCH, MODEL, SEQ_LEN
 
-# One worker runs this module under pytest-xdist, so its module-scoped runs happen once.
-pytestmark = pytest.mark.xdist_group("test_plan_memory")
-
 WORLD = 2
 MB = 1e6
 

@@ -18,9 +18,6 @@ from tests.conftest import torchrun
 from tests.distributed.test_init_from import cli
 from tests.distributed.test_strategies import env
 
-# One worker runs this module under pytest-xdist, so its module-scoped runs happen once.
-pytestmark = pytest.mark.xdist_group("test_sparse_finetune")
-
 DEBUG = dict(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=64)
 
 

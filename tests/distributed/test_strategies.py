@@ -28,9 +28,6 @@ import torch
 
 from tests.conftest import REPO, test_env, torchrun
 
-# One worker runs this module under pytest-xdist, so its module-scoped runs happen once.
-pytestmark = pytest.mark.xdist_group("test_strategies")
-
 WORKER = str(REPO / "tests" / "distributed" / "strategy_worker.py")
 FP32 = ["ddp", "fsdp", "fsdp_grad_op", "hsdp", "zero1", "zero2", "zero3", "zero3_offload"]
 ZERO = ["zero1", "zero2", "zero3", "zero3_offload"]

@@ -21,9 +21,6 @@ from pretrain.metrics import read_metrics
 from tests.conftest import REPO, test_env
 from tests.integration.test_train import ok, train_cli
 
-# One worker runs this module under pytest-xdist, so its module-scoped runs happen once.
-pytestmark = pytest.mark.xdist_group("test_compress")
-
 LLAMA = (
     "model.norm=rmsnorm", "model.mlp=swiglu", "model.pos_emb=rope", "model.bias=false",
     "model.tie_embeddings=false",

@@ -19,9 +19,6 @@ from pretrain.data.shards import read_manifest, read_shard
 from tests.conftest import REPO, test_env
 from tests.integration.test_train import ok, train_cli
 
-# One worker runs this module under pytest-xdist, so its module-scoped runs happen once.
-pytestmark = pytest.mark.xdist_group("test_hf_eval")
-
 LLAMA = (
     "model.norm=rmsnorm", "model.mlp=swiglu", "model.pos_emb=rope", "model.bias=false",
     "model.n_kv_head=2", "model.tie_embeddings=false",
