@@ -702,8 +702,11 @@ def _phases(e: MemoryEstimate, sizes: ModelSizes, device: str, bucket: int) -> d
     # A resumed process builds (init), then creates the optimizer state it loads into, then
     # reads one item at a time.
     create = zero_grads + adam_temps
+    # In host memory, DDP's buckets are allocated at wrap time but their pages are first
+    # written by a backward: a resumed process, which has run none yet, does not hold them.
+    untouched = ddp_buckets if cpu else 0
     loaded = PhasePeak(
-        after_step[0] + (0 if offload else max(create, item if cpu else 0)),
+        after_step[0] - untouched + (0 if offload else max(create, item if cpu else 0)),
         after_step[1] + (create if offload else 0) + (0 if cpu else item),
     )
     resume = PhasePeak(max(init.device, loaded.device), max(init.host, loaded.host))
