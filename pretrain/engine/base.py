@@ -135,11 +135,18 @@ def release_host_memory() -> None:
 def release_pages(t: torch.Tensor) -> int:
     """Give the whole memory pages of CPU tensor `t` back to the OS, keeping its address:
     madvise(MADV_DONTNEED), after which they read as zeros and become resident again only when
-    written. For a buffer that is written before it is read in every use (as ZeRO-3's gradient
-    partition is in each backward), its memory is then resident only while it is in use.
-    Returns the bytes released: 0 for a tensor that is not in plain host memory (a GPU's, or
-    pinned, whose pages are locked) and off Linux."""
+    written (the partial pages at both ends keep their values). For a buffer that is written
+    before it is read in every use (as ZeRO-3's gradient partition is in each backward), its
+    memory is then resident only while it is in use. Autograd is not told (no version bump):
+    only for buffers outside any graph, and only for anonymous memory: the pages of a
+    file-backed tensor (`torch.load(..., mmap=True)`) would come back with the file's contents,
+    not zeros, and are not detected here. Returns the bytes released: 0 for a tensor that is
+    not in plain host memory (a GPU's; pinned, whose pages are locked; shared, whose pages
+    other processes hold), that is not contiguous (its elements do not fill its byte range),
+    and off Linux."""
     if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return 0
+    if not t.is_contiguous() or t.is_shared():
         return 0
     try:
         if t.is_pinned():
@@ -150,9 +157,11 @@ def release_pages(t: torch.Tensor) -> int:
     import mmap
 
     page = mmap.PAGESIZE
+    storage = t.untyped_storage()
     start = t.data_ptr()
+    end = min(start + t.numel() * t.element_size(), storage.data_ptr() + storage.nbytes())
     first = -(-start // page) * page  # whole pages only: the edges may hold other data
-    last = (start + t.numel() * t.element_size()) // page * page
+    last = end // page * page
     if last <= first:
         return 0
     libc = ctypes.CDLL(None, use_errno=True)

@@ -46,7 +46,7 @@ REQUIRED: dict[str, dict[str, str]] = {
         "grad_position": "param id -> [sub-group, offset in it, partition numel]",
         "get_param_id": "method: the id grad_position is keyed by",
         "_reassign_or_swap_out_partitioned_parameters": "method: fp32 masters -> ds_tensor",
-        "grad_partitions_flat_buffer": "this rank's 16-bit gradient partition, one flat buffer",
+        "grad_partitions_flat_buffer": "this rank's gradient partition (model dtype), one flat buffer",
         "loss_scaler": "the fp16 loss scaler (cur_scale)",
         "clip_grad": "gradient clipping norm used by step()",
         "optimizer": "the client (torch) optimizer stepping the fp32 partitions",
@@ -164,14 +164,17 @@ class DeepSpeedState:
         """ZeRO-3: give the pages of the gradient partition back to the OS (bytes released).
 
         DeepSpeed allocates it once, whole, and keeps it from one step to the next, through the
-        forward pass: the 16-bit gradient partition (2 bytes per parameter a rank owns) is then
-        resident while the activations are too, which FSDP's gradients never are (created in
-        backward, freed after the step). Between steps its content is dead: the next backward
-        copies into (on its first micro-batch, `partition_grads`) the part of every parameter that
-        gets a gradient; a parameter that gets none then reads zeros where DeepSpeed would have
-        read the previous step's gradient. So the pages can go, and come back as backward
-        writes them, while the activations are freed. Host memory only (`release_pages`): on
-        a GPU the buffer stays allocated."""
+        forward pass: the gradient partition (in the model dtype, 2 bytes per parameter a rank
+        owns under bf16) is then resident while the activations are too, which FSDP's gradients
+        never are (created in backward, freed after the step). Between steps its content is
+        dead: everything that reads it (norm, clipping, overflow check, the fp32 copy the
+        optimizer steps) runs inside step(), and the next backward copies into it (on its first
+        micro-batch, `partition_grads`) the part of every parameter that gets a gradient. A
+        parameter that gets none then reads zeros (but on the two partial edge pages, which
+        keep their values) where DeepSpeed would have read the previous step's gradient. So
+        the pages can go, and come back as backward writes them, while the activations are
+        freed. Plain host memory only (`release_pages`): on a GPU, or pinned, the buffer stays
+        allocated."""
         if self.stage != 3:
             return 0
         from pretrain.engine.base import release_pages

@@ -1,4 +1,4 @@
-"""The Slurm tier's cluster: one per test session, shared by every module in tests/slurm."""
+"""The Slurm tier's cluster: one per test session, shared by the tier's tests."""
 
 from __future__ import annotations
 

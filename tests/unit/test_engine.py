@@ -295,6 +295,10 @@ def test_release_pages_gives_whole_pages_back_and_keeps_the_edges() -> None:
     assert inner.eq(3).all()
     assert release_pages(torch.ones(1000, device="meta")) == 0
     assert release_pages(torch.ones(100)) == 0  # no whole page
+    # Never memory outside the tensor's elements: a strided or expanded view is refused.
+    every_other = torch.ones(64 * page)
+    assert release_pages(every_other[::2]) == 0 and every_other.eq(1).all()
+    assert release_pages(torch.ones(1).expand(64 * page)) == 0
 
 
 # ---- partitions as checkpoint boxes ----------------------------------------------------------
