@@ -157,9 +157,8 @@ def release_pages(t: torch.Tensor) -> int:
     import mmap
 
     page = mmap.PAGESIZE
-    storage = t.untyped_storage()
     start = t.data_ptr()
-    end = min(start + t.numel() * t.element_size(), storage.data_ptr() + storage.nbytes())
+    end = start + t.numel() * t.element_size()  # contiguous: exactly its elements' bytes
     first = -(-start // page) * page  # whole pages only: the edges may hold other data
     last = end // page * page
     if last <= first:
