@@ -189,6 +189,7 @@ def save(
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
     local_error: str | None = None
+    failed_here = False  # this rank's own write failed (DCP reports every rank's failures)
     try:
         if dist.is_main():
             root.mkdir(parents=True, exist_ok=True)
@@ -204,9 +205,14 @@ def save(
     except (OSError, RuntimeError, CheckpointException) as e:
         # torch.save reports a failed write as RuntimeError, DCP as CheckpointException.
         local_error = _describe(e)
+        failed_here = not isinstance(e, CheckpointException) or dist.rank() in e.failures
     reports = gather_states({"error": local_error})  # every rank's outcome, in rank order
     failed = [rep["error"] for rep in reports if rep["error"] is not None]
     if failed:
+        if not failed_here:
+            if dist.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)  # before the failing rank's report ends us
+            dist.await_peer_report()  # the rank whose write failed says so, not this one
         _give_up(root, tmp, final, "; ".join(dict.fromkeys(failed)))  # each cause once
     failpoint("checkpoint.after_tensors")
     if dist.is_main():

@@ -186,6 +186,17 @@ def watch_peers() -> None:
     thread.start()
 
 
+def await_peer_report(timeout_s: float = 10.0) -> None:
+    """For a failure that every rank learns of together but another rank caused (a checkpoint
+    write that failed elsewhere): give that rank's report time to arrive first, so that the
+    message is printed by the rank it happened on. The watcher ends this process, quietly, as
+    soon as the report is in; returns after `timeout_s` if none comes, or at once without a
+    watcher."""
+    thread = _watch["thread"]
+    if thread is not None:
+        thread.join(timeout_s)
+
+
 def _stop(me: int, why: str) -> None:
     if me == 0:
         sys.stderr.write(f"rank 0: stopping: {why}\n")
