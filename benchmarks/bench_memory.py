@@ -18,10 +18,12 @@ process group). Next to the measurements: `pretrain.plan`'s init/train/save/resu
 the same run (`device=cpu`), plus the measured baseline (the planner models the model's
 memory, not the interpreter's), and the ratio measured / planned.
 
-Two passes (`--allocators`): `default`, glibc as every run gets it, whose RSS also holds the
-freed blocks its heap keeps (its high-water mark of fragmentation), and `returning`
-(MALLOC_MMAP_THRESHOLD_=65536: every freed block of 64 KiB or more goes back to the OS), whose
-RSS follows the live tensors: what the planner models, so the planner is checked on that pass.
+Two passes (`--allocators`): `default`, host memory as every run gets it (glibc's own mmap
+threshold: its heap keeps freed blocks resident, so RSS also holds the high-water mark of its
+fragmentation), and `returning` (`train.host_mmap_threshold_kib=64`: every freed host block of
+64 KiB or more goes back to the OS, so RSS follows the live tensors: what the planner models,
+so the planner is checked on this pass). A number N as a pass name runs
+`train.host_mmap_threshold_kib=N`.
 
 The bars (from the issue that asked for this benchmark): zero3's training peak <= 1.05x
 fsdp's, fsdp's <= 0.75x ddp's; no save or resume raises a rank's peak more than 10% over its
@@ -119,6 +121,7 @@ def worker(args: argparse.Namespace) -> None:
                 f"train.micro_batch={args.micro}",
                 f"train.seq_len={args.seq_len}",
                 "dist.timeout_s=1800",
+                *overrides_of(args.allocators),
                 *(f"model.{k}={v}" for k, v in model.items()),
             ],
         )
@@ -194,18 +197,21 @@ def worker(args: argparse.Namespace) -> None:
     os._exit(0)
 
 
-# glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB after the first
-# large free) in the heap, resident: RSS then holds the high-water mark of fragmentation, not
-# what is live. With a fixed threshold of 64 KiB every block from 64 KiB up is unmapped when it
-# is freed, so RSS follows the live tensors (at the cost of page faults: steps run slower).
-ALLOCATORS = {"default": {}, "returning": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+# Config overrides of each pass (see the module docstring).
+ALLOCATORS = {"default": [], "returning": ["train.host_mmap_threshold_kib=64"]}
+
+
+def overrides_of(allocator: str) -> list[str]:
+    if allocator.isdigit():
+        return [f"train.host_mmap_threshold_kib={allocator}"]
+    return ALLOCATORS[allocator]
 
 
 def launch(
     args: argparse.Namespace, strategy: str, phase: str, ckpt: Path, out: Path, allocator: str
 ) -> bool:
     env = dict(os.environ)
-    env.update(ALLOCATORS[allocator])
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # it would override the pass's setting
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pretrain" / "torch_extensions")
@@ -216,7 +222,7 @@ def launch(
         "--standalone", __file__, "--worker", "--strategy", strategy, "--phase", phase,
         "--out", str(out), "--ckpt", str(ckpt), "--steps", str(args.steps),
         "--micro", str(args.micro), "--seq-len", str(args.seq_len),
-        "--precision", args.precision, "--model", args.model,
+        "--precision", args.precision, "--model", args.model, "--allocators", allocator,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0 or not out.exists():
@@ -322,7 +328,7 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, allocator: st
                 off = abs(worst(r, p) - (plan[p] + base)) / worst(r, p)
                 bar(f"{r['strategy']} {p}: |measured - planned| / measured", off, 0.15)
     n = results[0]["params"] if results else 0
-    env = " ".join(f"{k}={v}" for k, v in ALLOCATORS[allocator].items()) or "glibc defaults"
+    env = " ".join(overrides_of(allocator)) or "glibc's own threshold, the default"
     head = (
         f"Allocator: {allocator} ({env}). {n / 1e6:.1f}M-parameter GPT "
         f"({json.loads(args.model)}), {args.nproc} ranks on CPU (gloo), {args.precision}, "
@@ -338,7 +344,9 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, allocator: st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--strategies", default=",".join(DEFAULT))
-    ap.add_argument("--allocators", default="default,returning", help="passes: default, returning")
+    ap.add_argument(
+        "--allocators", default="default,returning", help="passes: default, returning, N (KiB)"
+    )
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--micro", type=int, default=1)

@@ -1,7 +1,11 @@
 """Training throughput: `python -m pretrain.train` against a plain PyTorch loop over
-Hugging Face's GPT2LMHeadModel of the same dimensions and batch, in the same run.
+Hugging Face's GPT2LMHeadModel of the same dimensions and batch, in the same run. With
+`--host-mmap`: ours with `train.host_mmap_threshold_kib=64` (every freed host block of 64 KiB or
+more goes back to the OS) against the default (glibc's own threshold), alternating, `--repeats`
+times each.
 
     python -m benchmarks.bench_train --data data/demo [--models tiny small10m] [--steps 40]
+    python -m benchmarks.bench_train --host-mmap [--repeats 3]   # what returning host memory costs
 
 Both sides: fp32, the same micro-batch and sequence length, AdamW, one process using every
 core. Ours is the real CLI (data loading, logging, checkpointing off by cadence included);
@@ -35,7 +39,7 @@ def preset(name: str, vocab: int) -> GPTConfig:
     return cfg
 
 
-def ours(data: Path, model: str, micro: int, seq: int, steps: int) -> float:
+def ours(data: Path, model: str, micro: int, seq: int, steps: int, *extra: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable, "-m", "pretrain.train", "experiment=demo", f"model={model}",
@@ -43,7 +47,7 @@ def ours(data: Path, model: str, micro: int, seq: int, steps: int) -> float:
             f"train.micro_batch={micro}", f"train.seq_len={seq}", "train.global_batch_tokens=0",
             "train.eval_every=0", "train.eval_batches=0", "logging.wandb=false",
             "logging.every=5", f"checkpoint.every={10 * steps}", "model.dropout=0.0",
-            "data.num_workers=1",
+            "data.num_workers=1", *extra,
         ]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
         rows = [
@@ -90,8 +94,13 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--host-mmap", action="store_true", help="the mmap threshold's cost")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     vocab = json.loads((Path(args.data) / "manifest.json").read_text())["vocab_size"]
+    if args.host_mmap:
+        host_mmap(args, vocab)
+        return
     peak = measure_matmul_flops()
     print(
         f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)"
@@ -114,6 +123,25 @@ def main() -> None:
             f"{a * fpt / peak:.0%} |",
             flush=True,
         )
+
+
+def host_mmap(args: argparse.Namespace, vocab: int) -> None:
+    """tokens/s with freed host blocks returned at once, and with glibc's own threshold."""
+    print("| model | host_mmap_threshold_kib=64 tok/s (runs) | default tok/s (runs) | ratio |")
+    print("|---|---|---|---|")
+    for name in args.models:
+        seq = min(args.seq, preset(name, vocab).block_size)
+        on: list[float] = []
+        off: list[float] = []
+        for _ in range(args.repeats):  # alternating: drift on the machine hits both alike
+            on.append(
+                ours(Path(args.data), name, args.micro, seq, args.steps,
+                     "train.host_mmap_threshold_kib=64")
+            )  # fmt: skip
+            off.append(ours(Path(args.data), name, args.micro, seq, args.steps))
+        a, b = sum(on) / len(on), sum(off) / len(off)
+        runs = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
+        print(f"| {name} | {a:,.0f} ({runs(on)}) | {b:,.0f} ({runs(off)}) | {a / b:.3f} |")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ class TrainConfig:
     """Compile the model with torch.compile (in place: checkpoint names do not change)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory."""
+    host_mmap_threshold_kib: int = 0
+    """Host allocations of this many KiB or more are mapped alone and unmapped when freed, so RSS
+    follows the live tensors, at a page-fault cost (glibc; 0 = glibc's own: faster, heap keeps)."""
     eval_every: int = 200
     """Validation loss and perplexity every N steps (0 = only at the end)."""
     eval_batches: int = 10
@@ -286,10 +289,16 @@ def validate(cfg: Config) -> None:
         "optim.l1": cfg.optim.l1,
         "train.early_stop_patience": cfg.train.early_stop_patience,
         "train.early_stop_min_delta": cfg.train.early_stop_min_delta,
+        "train.host_mmap_threshold_kib": cfg.train.host_mmap_threshold_kib,
     }
     for key, number in non_negative.items():
         if number < 0:
             raise ConfigError(f"{key}={number} must be 0 (off) or positive")
+    if cfg.train.host_mmap_threshold_kib > 32 * 1024:  # glibc's ceiling (HEAP_MAX_SIZE / 2)
+        raise ConfigError(
+            f"train.host_mmap_threshold_kib={cfg.train.host_mmap_threshold_kib} is above glibc's "
+            "largest mmap threshold, 32768 (32 MiB): use at most that, or 0 for glibc's own"
+        )
     if cfg.train.early_stop_patience > 0 and (
         cfg.train.eval_every <= 0 or cfg.train.eval_batches <= 0
     ):

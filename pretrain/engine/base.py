@@ -132,6 +132,37 @@ def release_host_memory() -> None:
         trim(0)
 
 
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number for the mmap threshold (glibc's malloc.h)
+
+
+def set_mmap_threshold(kib: int) -> bool:
+    """From now on, give every host allocation of `kib` KiB or more a mapping of its own, which
+    goes back to the OS when it is freed (glibc's `mallopt(M_MMAP_THRESHOLD)`).
+
+    Why: glibc's own threshold starts at 128 KiB and slides up to the largest block freed so
+    far (up to 32 MiB), so after the first step activations, gradients and optimizer
+    temporaries come from the heap, and a heap keeps what is freed resident. A rank's RSS then
+    holds the high-water mark of its heap's fragmentation, which differs between strategies
+    and from run to run (for a 153M GPT on CPU, 30-45% over its live tensors: BENCHMARKS.md),
+    instead of what it holds. The cost: every such block is mapped, faulted in page by page and
+    unmapped again each time, which slowed CPU training by 20-30% at 1.5M-11M parameters
+    (BENCHMARKS.md); hence off by default. Returns whether it took: False for `kib` <= 0, off glibc, and when the environment sets
+    MALLOC_MMAP_THRESHOLD_ (that choice wins)."""
+    if kib <= 0 or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        # glibc only: another libc's mallopt may number its parameters differently.
+        getattr(libc, "gnu_get_libc_version")  # noqa: B009 - raises AttributeError off glibc
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_THRESHOLD, kib * 1024))
+
+
 def release_pages(t: torch.Tensor) -> int:
     """Give the whole memory pages of CPU tensor `t` back to the OS, keeping its address:
     madvise(MADV_DONTNEED), after which they read as zeros and become resident again only when
@@ -283,6 +314,7 @@ class Engine(ABC):
         `create`), activation checkpointing, compile, wrap or shard with the optimizer
         (`setup`), then initialise each rank's part from `run.seed` (`init_weights`): the
         same initial weights as a single process, under every strategy and world size."""
+        set_mmap_threshold(self.cfg.train.host_mmap_threshold_kib)  # before the model's memory
         with torch.device("meta"):
             self._skeleton = GPT(model_cfg)  # names, shapes, init rules; no memory
         model = self.create(model_cfg)

@@ -301,6 +301,69 @@ def test_release_pages_gives_whole_pages_back_and_keeps_the_edges() -> None:
     assert release_pages(torch.ones(1).expand(64 * page)) == 0
 
 
+# A fresh process: a heap that first holds a 1 MiB block (so it cannot shrink from the top), then
+# 256 tensors of 512 KiB built, written and freed after glibc's threshold has slid past them (an
+# 8 MiB block freed: the pattern of one training step). Prints RSS growth in MiB after the
+# frees, and what set_mmap_threshold returned.
+FREED_BLOCKS = """
+import os, sys, torch
+from pretrain.engine.base import set_mmap_threshold
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+took = set_mmap_threshold(int(sys.argv[1]))
+big = torch.ones(2**21); del big  # 8 MiB, mmapped and freed: glibc's threshold is now 8 MiB
+before = rss()
+blocks = [torch.ones(2**17) for _ in range(256)]  # 128 MiB in 512 KiB blocks
+pin = torch.ones(2**18)  # allocated last: the heap's top stays in use
+del blocks
+print(rss() - before, took)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_mmap_threshold_gives_freed_tensors_back(tmp_path: Path) -> None:
+    import subprocess
+
+    def run(kib: int, **env: str) -> tuple[float, bool]:
+        environ = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        out = subprocess.run(
+            [sys.executable, "-c", FREED_BLOCKS, str(kib)], env={**environ, **env},
+            capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2],
+        ).stdout.split()  # fmt: skip
+        return float(out[0]), out[1] == "True"
+
+    grown, took = run(64)
+    assert took and grown < 16, grown  # the 128 MiB went back to the OS as it was freed
+    # Off, and the user's own MALLOC_MMAP_THRESHOLD_ wins: the setting is not applied.
+    assert run(0)[1] is False
+    assert run(64, MALLOC_MMAP_THRESHOLD_="131072")[1] is False
+
+
+@pytest.mark.parametrize("kib, match", [(-1, "must be 0"), (65536, "at most that")])
+def test_mmap_threshold_out_of_range_is_refused(kib: int, match: str) -> None:
+    from pretrain.config import validate
+
+    with pytest.raises(ConfigError, match=f"train.host_mmap_threshold_kib={kib}.*{match}"):
+        validate(make_cfg(f"train.host_mmap_threshold_kib={kib}"))
+
+
+def test_build_sets_the_mmap_threshold_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pretrain.engine.base as base
+
+    seen: list[tuple[int, bool]] = []
+    real_create = base.Engine.create
+
+    def create(self: Any, model_cfg: Any) -> Any:
+        seen.append((-1, False))  # the model's memory comes after the threshold
+        return real_create(self, model_cfg)
+
+    monkeypatch.setattr(base, "set_mmap_threshold", lambda kib: seen.append((kib, True)) or True)
+    monkeypatch.setattr(base.Engine, "create", create)
+    single_engine(1, "train.host_mmap_threshold_kib=256")
+    reset_accelerate_state()
+    assert seen[:2] == [(256, True), (-1, False)]
+
+
 # ---- partitions as checkpoint boxes ----------------------------------------------------------
 
 
