@@ -31,7 +31,7 @@ demo: install
 # One pytest-xdist worker per core (at most 4): most tests wait on child processes that run one
 # thread each. --dist loadscope: each module runs in one worker, so its module-scoped runs
 # happen once (xdist's loadgroup marks have no effect under pytest 9.2: it renames a node id
-# through an attribute pytest no longer reads). About 12 minutes on 2 quiet cores.
+# through an attribute pytest no longer reads). 9-12 minutes on 2 quiet cores.
 test: install
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope tests
 
