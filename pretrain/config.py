@@ -147,8 +147,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory."""
     host_mmap_threshold_kib: int = 0
-    """Host allocations of this many KiB or more are mapped alone and unmapped when freed, so RSS
-    follows the live tensors, at a page-fault cost (glibc; 0 = glibc's own: faster, heap keeps)."""
+    """Host blocks of this many KiB or more go back to the OS when freed, so RSS follows the live
+    tensors, at a page-fault cost (glibc; 0 = glibc's own threshold: faster, keeps freed blocks)."""
     eval_every: int = 200
     """Validation loss and perplexity every N steps (0 = only at the end)."""
     eval_batches: int = 10

@@ -143,11 +143,11 @@ def set_mmap_threshold(kib: int) -> bool:
     far (up to 32 MiB), so after the first step activations, gradients and optimizer
     temporaries come from the heap, and a heap keeps what is freed resident. A rank's RSS then
     holds the high-water mark of its heap's fragmentation, which differs between strategies
-    and from run to run (for a 153M GPT on CPU, 30-45% over its live tensors: BENCHMARKS.md),
-    instead of what it holds. The cost: every such block is mapped, faulted in page by page and
-    unmapped again each time, which slowed CPU training by 20-30% at 1.5M-11M parameters
-    (BENCHMARKS.md); hence off by default. Returns whether it took: False for `kib` <= 0, off glibc, and when the environment sets
-    MALLOC_MMAP_THRESHOLD_ (that choice wins)."""
+    and from run to run (for a 153M GPT on 2 CPU ranks, 13-57% over its live tensors:
+    BENCHMARKS.md), instead of what it holds. The cost: every such block is mapped, faulted in
+    page by page and unmapped again each time, which slowed CPU training by 20-30% at 1.5M-11M
+    parameters (BENCHMARKS.md); hence off by default. Returns whether it took: False for
+    `kib` <= 0, off glibc, and when the environment sets MALLOC_MMAP_THRESHOLD_ (that wins)."""
     if kib <= 0 or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     import ctypes

@@ -301,42 +301,57 @@ def test_release_pages_gives_whole_pages_back_and_keeps_the_edges() -> None:
     assert release_pages(torch.ones(1).expand(64 * page)) == 0
 
 
-# A fresh process: a heap that first holds a 1 MiB block (so it cannot shrink from the top), then
-# 256 tensors of 512 KiB built, written and freed after glibc's threshold has slid past them (an
-# 8 MiB block freed: the pattern of one training step). Prints RSS growth in MiB after the
-# frees, and what set_mmap_threshold returned.
+# A fresh process that sets the threshold (`direct KIB`: set_mmap_threshold; `build KIB`: the
+# training loop's Engine.build with train.host_mmap_threshold_kib=KIB), then frees an 8 MiB
+# block, so that glibc's own threshold would now be 8 MiB, and builds, writes and frees 128 MiB
+# of 512 KiB tensors, a 1 MiB one allocated last so that the heap cannot shrink from its top:
+# the pattern of a training step. Prints the RSS growth in MiB after the frees, and whether
+# set_mmap_threshold took (direct only).
 FREED_BLOCKS = """
 import os, sys, torch
 from pretrain.engine.base import set_mmap_threshold
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-took = set_mmap_threshold(int(sys.argv[1]))
-big = torch.ones(2**21); del big  # 8 MiB, mmapped and freed: glibc's threshold is now 8 MiB
+how, kib = sys.argv[1], int(sys.argv[2])
+took = None
+if how == "direct":
+    took = set_mmap_threshold(kib)
+else:
+    from tests.unit.test_engine import single_engine
+    single_engine(1, f"train.host_mmap_threshold_kib={kib}")
+big = torch.ones(2**21); del big
 before = rss()
-blocks = [torch.ones(2**17) for _ in range(256)]  # 128 MiB in 512 KiB blocks
-pin = torch.ones(2**18)  # allocated last: the heap's top stays in use
+blocks = [torch.ones(2**17) for _ in range(256)]
+pin = torch.ones(2**18)
 del blocks
 print(rss() - before, took)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_mmap_threshold_gives_freed_tensors_back(tmp_path: Path) -> None:
+def freed_blocks(how: str, kib: int, **env: str) -> tuple[float, bool]:
     import subprocess
 
-    def run(kib: int, **env: str) -> tuple[float, bool]:
-        environ = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-        out = subprocess.run(
-            [sys.executable, "-c", FREED_BLOCKS, str(kib)], env={**environ, **env},
-            capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2],
-        ).stdout.split()  # fmt: skip
-        return float(out[0]), out[1] == "True"
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run(
+        [sys.executable, "-c", FREED_BLOCKS, how, str(kib)], env={**environ, **env},
+        capture_output=True, text=True, check=True, cwd=REPO,
+    ).stdout.split()  # fmt: skip
+    return float(out[-2]), out[-1] == "True"
 
-    grown, took = run(64)
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_mmap_threshold_gives_freed_tensors_back() -> None:
+    grown, took = freed_blocks("direct", 64)
     assert took and grown < 16, grown  # the 128 MiB went back to the OS as it was freed
     # Off, and the user's own MALLOC_MMAP_THRESHOLD_ wins: the setting is not applied.
-    assert run(0)[1] is False
-    assert run(64, MALLOC_MMAP_THRESHOLD_="131072")[1] is False
+    assert freed_blocks("direct", 0)[1] is False
+    assert freed_blocks("direct", 64, MALLOC_MMAP_THRESHOLD_="131072")[1] is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_build_applies_the_mmap_threshold() -> None:
+    grown, _ = freed_blocks("build", 64)
+    assert grown < 16, grown
 
 
 @pytest.mark.parametrize("kib, match", [(-1, "must be 0"), (65536, "at most that")])
@@ -345,23 +360,6 @@ def test_mmap_threshold_out_of_range_is_refused(kib: int, match: str) -> None:
 
     with pytest.raises(ConfigError, match=f"train.host_mmap_threshold_kib={kib}.*{match}"):
         validate(make_cfg(f"train.host_mmap_threshold_kib={kib}"))
-
-
-def test_build_sets_the_mmap_threshold_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pretrain.engine.base as base
-
-    seen: list[tuple[int, bool]] = []
-    real_create = base.Engine.create
-
-    def create(self: Any, model_cfg: Any) -> Any:
-        seen.append((-1, False))  # the model's memory comes after the threshold
-        return real_create(self, model_cfg)
-
-    monkeypatch.setattr(base, "set_mmap_threshold", lambda kib: seen.append((kib, True)) or True)
-    monkeypatch.setattr(base.Engine, "create", create)
-    single_engine(1, "train.host_mmap_threshold_kib=256")
-    reset_accelerate_state()
-    assert seen[:2] == [(256, True), (-1, False)]
 
 
 # ---- partitions as checkpoint boxes ----------------------------------------------------------
