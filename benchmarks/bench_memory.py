@@ -23,7 +23,8 @@ threshold: its heap keeps freed blocks resident, so RSS also holds the high-wate
 fragmentation), and `returning` (`train.host_mmap_threshold_kib=64`: every freed host block of
 64 KiB or more goes back to the OS, so RSS follows the live tensors: what the planner models,
 so the planner is checked on this pass). A number N as a pass name runs
-`train.host_mmap_threshold_kib=N`.
+`train.host_mmap_threshold_kib=N`; `keeping` is the default without ZeRO-3's heap trim in
+backward (`strategy.trim_heap_in_backward=false`), the baseline of that trim.
 
 The bars (from the issue that asked for this benchmark): zero3's training peak <= 1.05x
 fsdp's, fsdp's <= 0.75x ddp's; no save or resume raises a rank's peak more than 10% over its
@@ -198,7 +199,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # Config overrides of each pass (see the module docstring).
-ALLOCATORS = {"default": [], "returning": ["train.host_mmap_threshold_kib=64"]}
+ALLOCATORS = {
+    "default": [],
+    "returning": ["train.host_mmap_threshold_kib=64"],
+    "keeping": ["strategy.trim_heap_in_backward=false"],
+}
 
 
 def overrides_of(allocator: str) -> list[str]:
@@ -345,7 +350,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--strategies", default=",".join(DEFAULT))
     ap.add_argument(
-        "--allocators", default="default,returning", help="passes: default, returning, N (KiB)"
+        "--allocators",
+        default="default,returning",
+        help="passes: default, returning, keeping, N (KiB)",
     )
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)

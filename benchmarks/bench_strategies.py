@@ -1,6 +1,7 @@
 """Step time and per-rank memory of every strategy, side by side, at 2 ranks.
 
     python benchmarks/bench_strategies.py [--nproc 2] [--steps 6] [--strategies ddp,fsdp,...]
+        [--set strategy.trim_heap_in_backward=false ...]   # config overrides for every job
 
 Each strategy runs in its own `torchrun` job (so a process's peak RSS belongs to one
 strategy) on the same ~20M-parameter GPT-2-style model and the same random batches. Reported
@@ -59,6 +60,7 @@ def worker(args: argparse.Namespace) -> None:
                 f"train.micro_batch={args.micro}",
                 f"train.seq_len={args.seq_len}",
                 *MODEL,
+                *args.set,
             ],
         )
     engine = create_engine(cfg, accum=1)  # type: ignore[arg-type]
@@ -120,7 +122,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 __file__, "--worker", "--strategy", strategy, "--out", str(out),
                 "--steps", str(args.steps), "--warmup", str(args.warmup),
                 "--micro", str(args.micro), "--seq-len", str(args.seq_len),
-                "--precision", args.precision,
+                "--precision", args.precision, *(f"--set={o}" for o in args.set),
             ]  # fmt: skip
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -193,6 +195,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--json", default="", help="also write the raw results here")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)

