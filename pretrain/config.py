@@ -128,8 +128,8 @@ class StrategyConfig:
     hsdp_replicas: int = 0
     """hsdp: number of replica groups (0 = number of nodes)."""
     trim_heap_in_backward: bool = True
-    """zero3 in host memory: give the heap's freed activations back to the OS in backward, as the
-    gradient partition fills (27% lower peak RSS at 153M on CPU, for 10% of its throughput)."""
+    """zero3/zero3_offload on CPU: return the heap's freed activations to the OS in backward (a
+    153M GPT's peak RSS 24-27% lower, for 10% of its CPU throughput: BENCHMARKS.md)."""
 
 
 @dataclass

@@ -128,12 +128,17 @@ def release_host_memory() -> None:
 @functools.cache
 def _malloc_trim() -> Any:
     """glibc's malloc_trim, or None off glibc (looked up once: it is called during backward)."""
+    if not sys.platform.startswith("linux"):
+        return None
     import ctypes
 
     try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     except OSError:
         return None
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number for the mmap threshold (glibc's malloc.h)
@@ -275,6 +280,9 @@ class Engine(ABC):
         self.num_params = 0  # of the plain model (a tied matrix once); set by build()
         self.why = ""  # how the strategy was chosen (create_engine), for the banner
         self._skeleton: GPT | None = None  # the model on the meta device; set by build()
+        # Whether freed host blocks above train.host_mmap_threshold_kib go straight back to the
+        # OS (set by build()).
+        self.host_blocks_return = False
 
     # -- process facts ----------------------------------------------------------------------
     @property
@@ -318,7 +326,8 @@ class Engine(ABC):
         `create`), activation checkpointing, compile, wrap or shard with the optimizer
         (`setup`), then initialise each rank's part from `run.seed` (`init_weights`): the
         same initial weights as a single process, under every strategy and world size."""
-        set_mmap_threshold(self.cfg.train.host_mmap_threshold_kib)  # before the model's memory
+        # Before the model's memory exists.
+        self.host_blocks_return = set_mmap_threshold(self.cfg.train.host_mmap_threshold_kib)
         with torch.device("meta"):
             self._skeleton = GPT(model_cfg)  # names, shapes, init rules; no memory
         model = self.create(model_cfg)

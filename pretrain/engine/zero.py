@@ -258,9 +258,12 @@ class ZeroEngine(Engine):
         self.zero: Any = self.internals.zero  # DeepSpeedZeroOptimizer(_Stage3)
         self.optimizer = self.zero.optimizer  # our torch AdamW, now over flat fp32 partitions
         # Allocated zeroed; first written in backward. In host memory, the heap's freed blocks
-        # make room for it there (`_trim_heap_in_backward`).
+        # make room for it there (`_trim_heap_in_backward`): where the activations are in host
+        # memory too (not a GPU's, under zero3_offload), and where they do not go back to the
+        # OS anyway (train.host_mmap_threshold_kib).
         self._trim_armed = self.internals.release_gradient_pages() > 0
-        if self._trim_armed and self.cfg.strategy.trim_heap_in_backward:
+        host_activations = self.device.type == "cpu" and not self.host_blocks_return
+        if self._trim_armed and host_activations and self.cfg.strategy.trim_heap_in_backward:
             self._trim_heap_in_backward()
 
     def _trim_heap_in_backward(self) -> None:
@@ -277,7 +280,7 @@ class ZeroEngine(Engine):
         with gradient accumulation the partition stays resident from then to the step, and a
         trim would only cost. The cost is one malloc_trim per block and the page faults of the
         next forward, which reuses the trimmed heap: 0.90 of the throughput at 153M parameters
-        in bf16, 0.84 at 20M in fp32, for 27% and 12% less peak RSS (BENCHMARKS.md); hence
+        in bf16, 0.84 at 20M in fp32, for 24-27% and 12% less peak RSS (BENCHMARKS.md); hence
         `strategy.trim_heap_in_backward`."""
 
         def trim(grad: torch.Tensor) -> None:
@@ -289,8 +292,8 @@ class ZeroEngine(Engine):
             if armed and torch.is_tensor(out) and out.requires_grad:
                 out.register_hook(trim)
 
-        for block in self.raw_model.transformer.h:  # type: ignore[union-attr]
-            block.register_forward_hook(on_output)
+        blocks: nn.ModuleList = self.raw_model.transformer.h  # type: ignore[union-attr,assignment]
+        self._trim_hooks = [block.register_forward_hook(on_output) for block in blocks]
 
     def _client_optimizer(
         self, model: nn.Module, make_optimizer: OptimizerFactory
@@ -326,8 +329,10 @@ class ZeroEngine(Engine):
         # reduce-scatter (zero2/3) and whether step() applies the update.
         self.ds.set_gradient_accumulation_boundary(last)
         _, loss = self.model(x, y)
-        self.ds.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps
-        self._trim_armed = False  # the gradient partition is resident until the step
+        try:
+            self.ds.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps
+        finally:
+            self._trim_armed = False  # the gradient partition is resident until the step
         return loss.detach().float()
 
     def optimizer_step(self, lr: float, max_norm: float) -> torch.Tensor:

@@ -22,9 +22,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["zero1", "zero2", "zero3", "zero3_offload"]
+NO_TRIM = "zero3+strategy.trim_heap_in_backward=false"  # a stage, then its config overrides
 
 
-def probe(strategy: str) -> dict[str, Any]:
+def probe(strategy: str, *overrides: str) -> dict[str, Any]:
     """Build a tiny model under `strategy`, take a step, and check the adapter's view of it."""
     import torch
     from hydra import compose, initialize_config_dir
@@ -42,6 +43,7 @@ def probe(strategy: str) -> dict[str, Any]:
                 f"strategy={strategy}",
                 "strategy.fallback=error",
                 "model.vocab_size=128",
+                *overrides,
             ],
         )
     engine = create_engine(cfg)  # type: ignore[arg-type]
@@ -69,13 +71,16 @@ def probe(strategy: str) -> dict[str, Any]:
 
     trims: list[int] = []  # heap trims in each backward (the real one runs, and is counted)
     real_trim = zero_engine.release_host_memory
-    zero_engine.release_host_memory = lambda: (trims.append(len(out["trims"])), real_trim())[1]
+    zero_engine.release_host_memory = lambda: (trims.append(1), real_trim())[1]
     out["trims"] = []
-    for _ in range(2):  # a second micro-batch of the same step: the partition is resident
-        engine.micro_step(x, x, True)
+
+    def micro_step(last: bool) -> None:
+        engine.micro_step(x, x, last)
         out["trims"].append(len(trims))
         trims.clear()
-    zero_engine.release_host_memory = real_trim
+
+    micro_step(False)  # an accumulation of two: the second finds the partition resident
+    micro_step(True)
     out["n_layer"] = model_cfg.n_layer
     grads = internals.zero.grad_partitions_flat_buffer if internals.stage == 3 else None
     # In plain host memory (not a GPU's, not pinned) the adapter releases its pages.
@@ -92,6 +97,8 @@ def probe(strategy: str) -> dict[str, Any]:
         per_page = mmap.PAGESIZE // grads.element_size()
         assert grads.numel() > 8 * per_page
         assert int(grads.ne(0).sum()) <= 2 * per_page
+    micro_step(True)  # the next step's first backward fills the released partition again
+    zero_engine.release_host_memory = real_trim
     state = engine.state_dict()
     for name, p in reference.named_parameters():
         frag = internals.fragment(engine.raw_model.get_parameter(name))
@@ -119,7 +126,7 @@ def probed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     out = tmp_path_factory.mktemp("deepspeed") / "probe.json"
     proc = subprocess.run(
-        [sys.executable, __file__, ",".join(STAGES), str(out)],
+        [sys.executable, __file__, ",".join([*STAGES, NO_TRIM]), str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -145,13 +152,18 @@ def test_zero3_trims_the_heap_in_its_first_backward_only(
 ) -> None:
     """A ZeRO-3 gradient partition in host memory, whose pages were released, fills in the next
     backward: the heap's freed blocks go back to the OS as each block's backward begins. The
-    next micro-batch's backward finds the partition resident and trims nothing; stages whose
-    gradients are not released never trim."""
+    next micro-batch's backward finds the partition resident and trims nothing, the first
+    backward after the step trims again; stages whose gradients are not released never trim."""
     result = probed[strategy]
     if result["host_partition"]:
-        assert result["trims"] == [result["n_layer"], 0]
+        assert result["trims"] == [result["n_layer"], 0, result["n_layer"]]
     else:
-        assert result["trims"] == [0, 0]
+        assert result["trims"] == [0, 0, 0]
+
+
+def test_the_heap_trim_can_be_turned_off(probed: dict[str, Any]) -> None:
+    result = probed[NO_TRIM]
+    assert result["host_partition"] and result["trims"] == [0, 0, 0]
 
 
 def test_a_missing_internal_is_named() -> None:
@@ -176,7 +188,7 @@ if __name__ == "__main__":
 
     results = {}
     for name in sys.argv[1].split(","):  # in sequence: DeepSpeed starts once
-        results[name] = probe(name)
+        results[name] = probe(*name.split("+"))
         reset_accelerate_state()
     Path(sys.argv[2]).write_text(json.dumps(results))
     sys.stdout.flush()
