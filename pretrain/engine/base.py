@@ -120,25 +120,28 @@ def release_host_memory() -> None:
     malloc_trim; a no-op elsewhere). Building a model allocates and frees many transients
     (each rank's full initial value of one parameter at a time, DeepSpeed's partitioning
     copies): without this they stay resident, in every process, for the rest of the run."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @functools.cache
-def _malloc_trim() -> Any:
-    """glibc's malloc_trim, or None off glibc (looked up once: it is called during backward)."""
+def glibc() -> Any:
+    """The C library as a ctypes handle if it is glibc, else None: malloc_trim and mallopt are
+    glibc's (another libc may lack them, or number mallopt's parameters differently). Looked up
+    once: malloc_trim is called during backward (ZeRO-3's heap trim)."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     try:
-        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
+        libc = ctypes.CDLL(None)
+        getattr(libc, "gnu_get_libc_version")  # noqa: B009 - raises AttributeError off glibc
+    except (OSError, AttributeError):
         return None
-    if trim is not None:
-        trim.argtypes = [ctypes.c_size_t]
-    return trim
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
 
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number for the mmap threshold (glibc's malloc.h)
@@ -157,19 +160,10 @@ def set_mmap_threshold(kib: int) -> bool:
     page by page and unmapped again each time, which slowed CPU training by 20-30% at 1.5M-11M
     parameters (BENCHMARKS.md); hence off by default. Returns whether it took: False for
     `kib` <= 0, off glibc, and when the environment sets MALLOC_MMAP_THRESHOLD_ (that wins)."""
-    if kib <= 0 or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    libc = glibc()
+    if kib <= 0 or libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-        # glibc only: another libc's mallopt may number its parameters differently.
-        getattr(libc, "gnu_get_libc_version")  # noqa: B009 - raises AttributeError off glibc
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, kib * 1024))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, kib * 1024))
 
 
 def release_pages(t: torch.Tensor) -> int:

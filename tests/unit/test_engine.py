@@ -302,21 +302,22 @@ def test_release_pages_gives_whole_pages_back_and_keeps_the_edges() -> None:
 
 
 # A fresh process that sets the threshold (`direct KIB`: set_mmap_threshold; `build KIB`: the
-# training loop's Engine.build with train.host_mmap_threshold_kib=KIB), then frees an 8 MiB
+# training loop's Engine.build with train.host_mmap_threshold_kib=KIB; `trim 0`: neither, but
+# release_host_memory after the frees, as ZeRO-3's backward calls it), then frees an 8 MiB
 # block, so that glibc's own threshold would now be 8 MiB, and builds, writes and frees 128 MiB
 # of 512 KiB tensors, a 1 MiB one allocated last so that the heap cannot shrink from its top:
 # the pattern of a training step. Prints the RSS growth in MiB after the frees, and whether
 # set_mmap_threshold took (direct only).
 FREED_BLOCKS = """
 import os, sys, torch
-from pretrain.engine.base import set_mmap_threshold
+from pretrain.engine.base import release_host_memory, set_mmap_threshold
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 how, kib = sys.argv[1], int(sys.argv[2])
 took = None
 if how == "direct":
     took = set_mmap_threshold(kib)
-else:
+elif how == "build":
     from tests.unit.test_engine import single_engine
     single_engine(1, f"train.host_mmap_threshold_kib={kib}")
 big = torch.ones(2**21); del big
@@ -324,6 +325,8 @@ before = rss()
 blocks = [torch.ones(2**17) for _ in range(256)]
 pin = torch.ones(2**18)
 del blocks
+if how == "trim":
+    release_host_memory()
 print(rss() - before, took)
 """
 
@@ -351,6 +354,12 @@ def test_mmap_threshold_gives_freed_tensors_back() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_build_applies_the_mmap_threshold() -> None:
     grown, _ = freed_blocks("build", 64)
+    assert grown < 16, grown
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim: Linux only")
+def test_release_host_memory_gives_the_heaps_freed_blocks_back() -> None:
+    grown, _ = freed_blocks("trim", 0)  # glibc's own threshold: the blocks are in the heap
     assert grown < 16, grown
 
 
