@@ -49,7 +49,8 @@ def matmul_tflops(device: str, n: int = 8192, reps: int = 10) -> float:
 def run(
     micro: int, seq: int, steps: int, warmup: int, compile_model: bool, device: str, model: str
 ) -> dict:
-    from pretrain.engine import create_engine, reset_accelerate_state
+    from pretrain.engine import create_engine
+    from pretrain.engine.process_group import reset_accelerate_state
     from pretrain.flops import flops_per_token, peak_flops
     from pretrain.model import GPTConfig
     from pretrain.optim import build_optimizer, lr_at

@@ -33,20 +33,12 @@ STRATEGIES = (
 )
 
 
-# Metrics a sweep can optimise: each is logged by the training loop (pretrain/train.py).
+# Metrics a sweep can optimise: each is logged by the training loop (pretrain/training/).
 OBJECTIVES = ("val_loss", "val_ppl", "loss")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
-
-
-def zero_bucket_elements(n_embd: int, configured: int = 0) -> int:
-    """DeepSpeed's communication bucket in elements for a model of width `n_embd`:
-    `configured` if set, else n_embd^2 (as Hugging Face's "auto" DeepSpeed config), at least
-    2^20. DeepSpeed's own 5e7-5e8 element defaults are sized for models of billions of
-    parameters: on a 150M one a 5e7-element fp32 bucket alone is a third of the model."""
-    return int(configured) if configured > 0 else max(n_embd * n_embd, 2**20)
 
 
 @dataclass
@@ -124,7 +116,7 @@ class StrategyConfig:
     """Path to a DeepSpeed JSON whose keys override the generated DeepSpeed config."""
     reduce_bucket_size: int = 0
     """DeepSpeed reduce/allgather/prefetch bucket size in elements (0 = sized to the model:
-    `zero_bucket_elements`)."""
+    `pretrain.engine.strategies.zero_bucket_elements`)."""
     hsdp_replicas: int = 0
     """hsdp: number of replica groups (0 = number of nodes)."""
     trim_heap_in_backward: bool = True

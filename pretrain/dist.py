@@ -1,16 +1,20 @@
-"""Process-group facts in one place, safe to call before (or without) torch.distributed init.
+"""Rank facts that need no process group, and one rank's failure stopping every rank.
 
-Every rank-0-only side effect (printing, writing files, W&B) goes through `is_main()`;
-collectives are called on every rank. torch.distributed is not imported here: a process
-group cannot exist unless something else imported it, and the data-prep CLI starts faster
-without it.
+`rank()`, `world_size()`, `local_rank()` and `is_main()` answer from torch.distributed once a
+process group exists, else from the launcher's environment variables (torchrun's RANK,
+WORLD_SIZE, LOCAL_RANK). Every rank-0-only side effect (printing: `log0`, writing files, W&B)
+goes through `is_main()`; collectives are called on every rank. The second half is the watcher
+that makes one rank's failure stop every rank (`report_failure`, `watch_peers`).
+
+The process group's own life (the environment that describes it, starting it, ending it) is
+`pretrain.engine.process_group`'s. torch.distributed is not imported here: a process group
+cannot exist unless something else imported it, and the data-prep CLI starts faster without it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import MutableMapping
 from typing import Any
 
 
@@ -37,50 +41,32 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def adopt_slurm_tasks(env: MutableMapping[str, str] | None = None) -> bool:
-    """Describe the process group in torchrun's variables when Slurm started every rank itself
-    (`srun` with several tasks, as Hydra's submitit launcher does) and no torchrun is in
-    between. Returns whether it did. Under torchrun (RANK set) nothing changes.
-
-    The rendezvous is the first node of the allocation, on a port derived from the job id, so
-    that two jobs on the same nodes never share one (the rule launch/slurm/train.sbatch uses)."""
-    env = os.environ if env is None else env
-    # The step's task count: SLURM_NTASKS is also set in a batch script, which is one process.
-    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
-    if "RANK" in env or "SLURM_PROCID" not in env or ntasks < 2:
-        return False
-    nodes = int(env.get("SLURM_STEP_NUM_NODES", "1") or 1)
-    env.update(
-        RANK=env["SLURM_PROCID"],
-        WORLD_SIZE=str(ntasks),
-        LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
-        LOCAL_WORLD_SIZE=str(max(1, ntasks // max(1, nodes))),
-        MASTER_ADDR=env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "")),
-        MASTER_PORT=env.get("MASTER_PORT") or str(20000 + int(env["SLURM_JOB_ID"]) % 40000),
-    )
-    return True
-
-
-def _first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list (`n[1-2],m3` -> `n1`), as `scontrol show hostnames`
-    would print it first."""
-    import re
-
-    m = re.match(r"([^,\[]+)(?:\[(\d+)[^\]]*\])?", nodelist.strip())
-    if not m:
-        return "127.0.0.1"
-    return m.group(1) + (m.group(2) or "")
-
-
 def is_main() -> bool:
     """True on global rank 0 (and in a single process)."""
     return rank() == 0
+
+
+def log0(msg: str) -> None:
+    """One line on stdout from global rank 0 only."""
+    if is_main():
+        print(msg, flush=True)
 
 
 def barrier() -> None:
     d = _dist()
     if d is not None:
         d.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (small and picklable: a loader position, an error report), in rank
+    order, on every rank; a collective. `[obj]` without a process group."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
 
 
 # ---- one rank's failure stops every rank ---------------------------------------------------

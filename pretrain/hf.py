@@ -10,7 +10,7 @@ Tied or untied output projections, with or without biases, map in both families.
 mixes the two (rope + LayerNorm, swiglu with learned positions, ...) fits no stock class and is
 refused, naming the options that prevent each one; nothing needs `trust_remote_code`.
 
-Parameter names, ours -> HF (`i` = block index; shapes as in pretrain/model.py):
+Parameter names, ours -> HF (`i` = block index; shapes as in pretrain/model/gpt.py):
 
     GPT-2: identical names. HF's GPT-2 uses Conv1D, which stores weights as [in, out]: the
            four block matmuls (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) are transposed,
@@ -46,13 +46,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from pretrain.engine.precision import DTYPES
 from pretrain.model import GPTConfig
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 Family = Literal["gpt2", "llama"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What each stock class needs, as (GPTConfig field, required value); n_kv_head is checked apart.
 NEEDS: dict[Family, dict[str, str]] = {
     "gpt2": {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"},

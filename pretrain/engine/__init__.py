@@ -13,28 +13,46 @@ creates the plain model and applies everything parallelism needs to it, in one o
 Where DeepSpeed cannot be used (not installed, fails to import, does not support the precision
 on this device, or fails to initialise), a ZeRO strategy runs as its FSDP equivalent and says
 so once; `strategy.fallback=error` refuses instead.
+
+The package's modules, one concern each:
+
+    base.py             the `Engine` interface, with the default torch paths
+    strategies.py       facts about the strategies (their code: ddp.py, zero.py, fsdp.py):
+                        ZeRO stages, FSDP modes, fallbacks, DeepSpeed's bucket size
+    launcher.py         the strategy a launcher (accelerate launch, torchrun) asks for
+    process_group.py    the process group's life: device, environment, start, reset, teardown
+    precision.py        dtypes by name, autocast, the loss scaler's state
+    hostmem.py          host memory given back to the OS
+    measure.py          the bytes a rank's tensors hold
+    deepspeed_state.py  the one adapter over DeepSpeed's internals
+    fragments.py        DeepSpeed's flat partitions as sharded tensors for the checkpoint
+
+Importing the package (say, for `precision` or `strategies`) loads neither Accelerate nor
+DeepSpeed nor the strategies: `create_engine` imports the one it builds, and `Engine` is
+imported from base.py when first asked for.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from pretrain import dist
-from pretrain.config import STRATEGIES, Config, ConfigError
-from pretrain.engine.base import (
-    Engine,
-    log0,
-    lone_process_group_env,
-    make_accelerator,
-    pick_device,
-)
+from pretrain.config import Config, ConfigError
+from pretrain.engine import process_group, strategies
 from pretrain.engine.launcher import resolve_strategy
 
-# What a ZeRO strategy becomes without DeepSpeed: same memory model, FSDP2 mechanics.
-FSDP_EQUIVALENT = {
-    "zero1": ("fsdp_grad_op", "FSDP2 with reshard_after_forward=False"),
-    "zero2": ("fsdp_grad_op", "FSDP2 with reshard_after_forward=False"),
-    "zero3": ("fsdp", "FSDP2 full shard"),
-    "zero3_offload": ("fsdp_offload", "FSDP2 full shard with CPUOffloadPolicy"),
-}
+if TYPE_CHECKING:
+    from pretrain.engine.base import Engine
+
+
+def __getattr__(name: str) -> Any:
+    # `Engine` on first use: base.py loads torch's distributed checkpointing (about a second),
+    # which a tool that imports only precision or strategies does not need.
+    if name == "Engine":
+        from pretrain.engine.base import Engine
+
+        return Engine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class StrategyUnavailable(ConfigError):
@@ -42,24 +60,11 @@ class StrategyUnavailable(ConfigError):
 
 
 def _fsdp_engine(cfg: Config, accum: int, mode: str, name: str) -> Engine:
-    from pretrain.engine.fsdp import MODES, FSDPEngine
+    from pretrain.engine.fsdp import FSDPEngine
 
-    engine = FSDPEngine(cfg, make_accelerator(cfg), accum, **MODES[mode])
+    engine = FSDPEngine(cfg, process_group.make_accelerator(cfg), accum, **strategies.MODES[mode])
     engine.name = name
     return engine
-
-
-def reset_accelerate_state() -> None:
-    """Forget Accelerate's process-wide singletons (and the DeepSpeed switch an Accelerator with
-    a DeepSpeed plugin leaves in the environment), so that another Accelerator can be made in
-    this process. The torch process group, if any, is kept and reused."""
-    import os
-
-    from accelerate.state import AcceleratorState, GradientState
-
-    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _zero_engine(cfg: Config, accum: int) -> Engine:
@@ -71,7 +76,7 @@ def _zero_engine(cfg: Config, accum: int) -> Engine:
     # Built (and the user's JSON read) before anything else: a bad config is an error, not a
     # reason to fall back.
     ds = deepspeed_config(cfg, dist.world_size(), accum=accum)
-    reason = unavailable_reason(cfg, pick_device(cfg))
+    reason = unavailable_reason(cfg, process_group.pick_device(cfg))
     if reason is None:
         try:
             from accelerate.utils import DeepSpeedPlugin
@@ -79,18 +84,19 @@ def _zero_engine(cfg: Config, accum: int) -> Engine:
             from pretrain.engine.zero import ZeroEngine
 
             plugin = DeepSpeedPlugin(hf_ds_config=ds)
-            return ZeroEngine(cfg, make_accelerator(cfg, deepspeed_plugin=plugin), accum)
+            accelerator = process_group.make_accelerator(cfg, deepspeed_plugin=plugin)
+            return ZeroEngine(cfg, accelerator, accum)
         except Exception as e:  # noqa: BLE001 - any failure to start DeepSpeed
             reason = f"DeepSpeed failed to initialise ({type(e).__name__}: {e})"
-            reset_accelerate_state()
-    mode, what = FSDP_EQUIVALENT[name]
+            process_group.reset_accelerate_state()
+    mode, what = strategies.FSDP_EQUIVALENT[name]
     if cfg.strategy.fallback == "error":
         raise StrategyUnavailable(
             f"strategy={name} needs DeepSpeed, which cannot be used here: {reason}. Fix the "
             f"DeepSpeed install, or set strategy.fallback=fsdp to run its FSDP equivalent "
             f"({what}) instead"
         )
-    log0(
+    dist.log0(
         f"strategy={name}: {reason}; running its FSDP equivalent instead ({what}). "
         "Set strategy.fallback=error to refuse instead."
     )
@@ -113,14 +119,14 @@ def _create(cfg: Config, accum: int) -> Engine:
     if name in ("single", "ddp"):
         from pretrain.engine.ddp import DDPEngine
 
-        engine: Engine = DDPEngine(cfg, make_accelerator(cfg), accum)
+        engine: Engine = DDPEngine(cfg, process_group.make_accelerator(cfg), accum)
         engine.name = name
         return engine
     # Sharded strategies need a process group, of one rank in a lone process.
-    lone_process_group_env()
+    process_group.lone_process_group_env()
     if name in ("fsdp", "fsdp_grad_op", "hsdp"):
         return _fsdp_engine(cfg, accum, name, name)
     return _zero_engine(cfg, accum)
 
 
-__all__ = ["STRATEGIES", "Engine", "StrategyUnavailable", "create_engine", "reset_accelerate_state"]
+__all__ = ["Engine", "StrategyUnavailable", "create_engine"]

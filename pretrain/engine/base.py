@@ -1,4 +1,4 @@
-"""What every strategy provides to the training loop, and the Accelerator they share.
+"""What every strategy provides to the training loop: the `Engine` interface.
 
 The loop sees one `Engine`: `micro_step` (forward + backward of one micro-batch),
 `optimizer_step` (clip, step, zero), and `state_dict`/`load_state_dict` in one portable,
@@ -13,23 +13,23 @@ strategy and world size loads under any other:
 
 i.e. exactly what `torch.distributed.checkpoint.state_dict.get_model_state_dict` and
 `get_optimizer_state_dict` produce for the plain model and a torch optimizer.
+
+`Engine.build` applies parallelism in one order for every strategy (create, activation
+checkpointing, compile, `setup`, `init_weights`); the default torch paths here (weights
+loading, the optimizer step with a GradScaler, the state dict) serve single, ddp and fsdp*, and
+ZeroEngine overrides them. The Accelerator an engine holds is made by
+`pretrain.engine.process_group.make_accelerator`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -39,219 +39,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from pretrain import dist as pdist
 from pretrain.config import Config
+from pretrain.engine.hostmem import release_host_memory, set_mmap_threshold
+from pretrain.engine.measure import storage_bytes
+from pretrain.engine.precision import DTYPES, autocast, load_scaler_state, scaler_state_of
 from pretrain.model import GPT, GPTConfig
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(cfg: Config) -> str:
-    want = cfg.train.device
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible: use train.device=cpu")
-    return want
-
-
-def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
-    """The Accelerator owns process-group setup (torchrun/accelerate/Slurm env) and the device.
-
-    On CPU the process group must be gloo; the collective timeout is what makes a dead rank
-    fail the job instead of hanging it. With a DeepSpeed plugin, `cpu=True` is not passed: the
-    gloo process group alone keeps DeepSpeed on CPU."""
-    cpu = pick_device(cfg) == "cpu"
-    pg = InitProcessGroupKwargs(
-        backend="gloo" if cpu else "nccl", timeout=timedelta(seconds=cfg.dist.timeout_s)
-    )
-    use_cpu_flag = cpu and "deepspeed_plugin" not in kwargs
-    # Precision is `precision=`'s business alone: an ACCELERATE_MIXED_PRECISION left in the
-    # environment by `accelerate launch` must not add a second autocast around the model.
-    kwargs.setdefault("mixed_precision", "no")
-    # Only a launched multi-process job gets process-group kwargs: given a backend, Accelerate
-    # assumes a process group exists even in a lone `python -m pretrain.train`. DeepSpeed always
-    # runs in a process group (one rank in a lone process, see `lone_process_group_env`).
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "deepspeed_plugin" in kwargs
-    # The launcher's DeepSpeed/FSDP choice was read into the strategy already
-    # (engine/launcher.py); left in the environment, it would turn Accelerate's own
-    # DeepSpeed/FSDP plugin on underneath ours.
-    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
-        if "deepspeed_plugin" not in kwargs:
-            os.environ.pop(var, None)
-    return Accelerator(cpu=use_cpu_flag, kwargs_handlers=[pg] if launched else [], **kwargs)
-
-
-def lone_process_group_env() -> None:
-    """A lone `python -m pretrain.train` (no torchrun, no accelerate launch) with a sharded
-    strategy: describe a 1-rank process group in the environment (as torchrun would), so that
-    DeepSpeed does not go looking for MPI and FSDP has a group to shard over (of size 1)."""
-    if "WORLD_SIZE" in os.environ or "RANK" in os.environ:
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-
-
-def ensure_process_group(cfg: Config) -> None:
-    """Start the (1-rank) process group `lone_process_group_env` described, if nobody did."""
-    if dist.is_initialized():
-        return
-    cpu = pick_device(cfg) == "cpu"
-    dist.init_process_group(
-        backend="gloo" if cpu else "nccl", timeout=timedelta(seconds=cfg.dist.timeout_s)
-    )
-
-
-def release_host_memory() -> None:
-    """Give the host memory that freed tensors leave in the C heap back to the OS (glibc's
-    malloc_trim; a no-op elsewhere). Building a model allocates and frees many transients
-    (each rank's full initial value of one parameter at a time, DeepSpeed's partitioning
-    copies): without this they stay resident, in every process, for the rest of the run."""
-    libc = glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def glibc() -> Any:
-    """The C library as a ctypes handle if it is glibc, else None: malloc_trim and mallopt are
-    glibc's (another libc may lack them, or number mallopt's parameters differently). Looked up
-    once: malloc_trim is called during backward (ZeRO-3's heap trim)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        getattr(libc, "gnu_get_libc_version")  # noqa: B009 - raises AttributeError off glibc
-    except (OSError, AttributeError):
-        return None
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return libc
-
-
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number for the mmap threshold (glibc's malloc.h)
-
-
-def set_mmap_threshold(kib: int) -> bool:
-    """From now on, give every host allocation of `kib` KiB or more a mapping of its own, which
-    goes back to the OS when it is freed (glibc's `mallopt(M_MMAP_THRESHOLD)`).
-
-    Why: glibc's own threshold starts at 128 KiB and slides up to the largest block freed so
-    far (up to 32 MiB), so after the first step activations, gradients and optimizer
-    temporaries come from the heap, and a heap keeps what is freed resident. A rank's RSS then
-    holds the high-water mark of its heap's fragmentation, which differs between strategies
-    and from run to run (for a 153M GPT on 2 CPU ranks, 13-57% over its live tensors:
-    BENCHMARKS.md), instead of what it holds. The cost: every such block is mapped, faulted in
-    page by page and unmapped again each time, which slowed CPU training by 20-30% at 1.5M-11M
-    parameters (BENCHMARKS.md); hence off by default. Returns whether it took: False for
-    `kib` <= 0, off glibc, and when the environment sets MALLOC_MMAP_THRESHOLD_ (that wins)."""
-    libc = glibc()
-    if kib <= 0 or libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, kib * 1024))
-
-
-def release_pages(t: torch.Tensor) -> int:
-    """Give the whole memory pages of CPU tensor `t` back to the OS, keeping its address:
-    madvise(MADV_DONTNEED), after which they read as zeros and become resident again only when
-    written (the partial pages at both ends keep their values). For a buffer that is written
-    before it is read in every use (as ZeRO-3's gradient partition is in each backward), its
-    memory is then resident only while it is in use. Autograd is not told (no version bump):
-    only for buffers outside any graph, and only for anonymous memory: the pages of a
-    file-backed tensor (`torch.load(..., mmap=True)`) would come back with the file's contents,
-    not zeros, and are not detected here. Returns the bytes released: 0 for a tensor that is
-    not in plain host memory (a GPU's; pinned, whose pages are locked; shared, whose pages
-    other processes hold), that is not contiguous (its elements do not fill its byte range),
-    and off Linux."""
-    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
-        return 0
-    if not t.is_contiguous() or t.is_shared():
-        return 0
-    try:
-        if t.is_pinned():
-            return 0
-    except RuntimeError:  # no accelerator to have pinned it
-        pass
-    import ctypes
-    import mmap
-
-    page = mmap.PAGESIZE
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()  # contiguous: exactly its elements' bytes
-    first = -(-start // page) * page  # whole pages only: the edges may hold other data
-    last = end // page * page
-    if last <= first:
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if libc.madvise(first, last - first, mmap.MADV_DONTNEED) != 0:
-        return 0
-    return last - first
-
-
-def log0(msg: str) -> None:
-    """One line on stdout from global rank 0 only."""
-    if pdist.is_main():
-        print(msg, flush=True)
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The part of `t` this rank stores: the local shard of a DTensor, else `t` itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
-    """Bytes of memory actually held by `tensors`: each underlying storage counted once, so
-    views into one flat buffer (DeepSpeed's partitions, FSDP's shards) are not double-counted
-    and a tied weight counts once."""
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    for t in tensors:
-        if t is None:
-            continue
-        t = local_tensor(t)
-        storage = t.untyped_storage()
-        key = (str(t.device), storage.data_ptr())
-        if storage.nbytes() == 0 or key in seen:
-            continue
-        seen.add(key)
-        total += storage.nbytes()
-    return total
-
-
-def scaler_state(scale: float, growth_tracker: int) -> dict[str, torch.Tensor]:
-    """The loss scaler's state in the one form every strategy saves (fp16 only)."""
-    return {
-        "scale": torch.tensor(float(scale), dtype=torch.float64),
-        "growth_tracker": torch.tensor(int(growth_tracker), dtype=torch.int64),
-    }
-
-
-def scaler_state_of(scaler: torch.amp.GradScaler) -> dict[str, torch.Tensor]:
-    return scaler_state(scaler.get_scale(), scaler._get_growth_tracker())
-
-
-def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, torch.Tensor]) -> None:
-    sd = scaler.state_dict()
-    sd["scale"] = float(state["scale"].item())
-    sd["_growth_tracker"] = int(state["growth_tracker"].item())
-    scaler.load_state_dict(sd)
 
 
 class Engine(ABC):
@@ -288,9 +85,8 @@ class Engine(ABC):
         return self.accelerator.process_index
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        """Compute in the precision's dtype (`precision.autocast`; nothing for fp32)."""
+        return autocast(self.device, self.dtype)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:

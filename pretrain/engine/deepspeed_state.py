@@ -177,7 +177,7 @@ class DeepSpeedState:
         allocated."""
         if self.stage != 3:
             return 0
-        from pretrain.engine.base import release_pages
+        from pretrain.engine.hostmem import release_pages
 
         return release_pages(self.zero.grad_partitions_flat_buffer)
 

@@ -42,19 +42,8 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from pretrain.config import ConfigError
-from pretrain.engine.base import (
-    Engine,
-    OptimizerFactory,
-    ensure_process_group,
-)
-
-# strategy name -> how it shards
-MODES: dict[str, dict[str, bool]] = {
-    "fsdp": {"reshard_after_forward": True, "hybrid": False, "offload": False},
-    "fsdp_grad_op": {"reshard_after_forward": False, "hybrid": False, "offload": False},
-    "hsdp": {"reshard_after_forward": True, "hybrid": True, "offload": False},
-    "fsdp_offload": {"reshard_after_forward": True, "hybrid": False, "offload": True},
-}
+from pretrain.engine.base import Engine, OptimizerFactory
+from pretrain.engine.process_group import ensure_process_group
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:

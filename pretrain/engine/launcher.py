@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain import dist
 from pretrain.config import STRATEGIES, Config, ConfigError
 
 ACCELERATE_MARKERS = (
@@ -273,10 +274,8 @@ def resolve_strategy(cfg: Config, accum: int, env: Mapping[str, str] | None = No
                 f"or launch with a config file that asks for {asked}"
             )
         why = f"strategy={asked}" + (f", as the {launch.why}" if accelerate_decides else "")
-    from pretrain.engine.base import log0
-
     for note in launch.notes:
-        log0(f"note: {note}")
+        dist.log0(f"note: {note}")
     # The engine writes the one DeepSpeed config; Accelerate must not rebuild one from these.
     if env is os.environ:
         for key in [k for k in os.environ if k.startswith("ACCELERATE_DEEPSPEED_")] + [

@@ -43,24 +43,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.config import Config, ConfigError, zero_bucket_elements
-from pretrain.engine.base import (
-    Engine,
-    OptimizerFactory,
-    release_host_memory,
-    scaler_state,
-    storage_bytes,
-)
+from pretrain.config import Config, ConfigError
+from pretrain.engine.base import Engine, OptimizerFactory
 from pretrain.engine.deepspeed_state import DeepSpeedState, Fragment
 from pretrain.engine.fragments import Layout, fragment_tensor, local_pieces
+from pretrain.engine.hostmem import release_host_memory
+from pretrain.engine.measure import storage_bytes
+from pretrain.engine.precision import scaler_state
+from pretrain.engine.strategies import STAGES, zero_bucket_elements
 from pretrain.model import GPT, GPTConfig
 
 # DeepSpeed 0.19 calls torch collectives that torch 2.13 has deprecated, once per bucket per step.
 warnings.filterwarnings(
     "ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning
 )
-
-STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 
 # DeepSpeed keys the training loop owns: a user JSON may not change them.
 LOOP_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")

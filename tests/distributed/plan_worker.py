@@ -171,7 +171,7 @@ def run_case(case: str) -> dict[str, Any]:
     # Tear down so that the next strategy starts from a clean Accelerate/DeepSpeed state.
     del engine
     gc.collect()
-    from pretrain.engine import reset_accelerate_state
+    from pretrain.engine.process_group import reset_accelerate_state
 
     reset_accelerate_state()
     return {"case": case, "rank": dist.rank(), "measured": measured}

@@ -31,7 +31,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from pretrain import checkpoint, dist  # noqa: E402
 from pretrain.config import to_dict  # noqa: E402
-from pretrain.engine import create_engine, reset_accelerate_state  # noqa: E402
+from pretrain.engine import create_engine  # noqa: E402
+from pretrain.engine.process_group import reset_accelerate_state  # noqa: E402
 from pretrain.model import GPT, GPTConfig  # noqa: E402
 from pretrain.optim import build_optimizer, lr_at  # noqa: E402
 

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from pretrain.model import GPTConfig
-from pretrain.plan import buffer_bytes, estimate, model_sizes
+from pretrain.plan.estimate import buffer_bytes, estimate
+from pretrain.plan.sizes import model_sizes
 from tests.conftest import REPO, test_env, torchrun
 from tests.distributed.plan_worker import CASES, HSDP_REPLICAS, MICRO_BATCH, MODEL, SEQ_LEN
 

@@ -184,7 +184,7 @@ def test_a_missing_internal_is_named() -> None:
 
 
 if __name__ == "__main__":
-    from pretrain.engine import reset_accelerate_state
+    from pretrain.engine.process_group import reset_accelerate_state
 
     results = {}
     for name in sys.argv[1].split(","):  # in sequence: DeepSpeed starts once

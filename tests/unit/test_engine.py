@@ -17,9 +17,11 @@ import torch.distributed.checkpoint as dcp
 from hydra import compose, initialize_config_dir
 
 from pretrain.config import ConfigError
-from pretrain.engine import StrategyUnavailable, create_engine, reset_accelerate_state
-from pretrain.engine.base import release_pages, storage_bytes
+from pretrain.engine import StrategyUnavailable, create_engine
 from pretrain.engine.fsdp import FSDPEngine, blocks_of, hsdp_shape
+from pretrain.engine.hostmem import release_pages
+from pretrain.engine.measure import storage_bytes
+from pretrain.engine.process_group import reset_accelerate_state
 from pretrain.engine.zero import check_geometry, deepspeed_config, merge
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizer, lr_at
@@ -200,7 +202,7 @@ def test_fallback_picks_the_fsdp_equivalent(
 
 
 def test_lone_process_group_env(lone_process: Any) -> None:
-    from pretrain.engine.base import lone_process_group_env
+    from pretrain.engine.process_group import lone_process_group_env
 
     lone_process_group_env()
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
@@ -310,7 +312,7 @@ def test_release_pages_gives_whole_pages_back_and_keeps_the_edges() -> None:
 # set_mmap_threshold took (direct only).
 FREED_BLOCKS = """
 import os, sys, torch
-from pretrain.engine.base import release_host_memory, set_mmap_threshold
+from pretrain.engine.hostmem import release_host_memory, set_mmap_threshold
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 how, kib = sys.argv[1], int(sys.argv[2])

@@ -10,20 +10,11 @@ from typing import Any
 import pytest
 import torch
 
+from pretrain.config import STRATEGIES
 from pretrain.model import GPT, GPTConfig
-from pretrain.plan import (
-    COMM_ORDER,
-    GB,
-    STRATEGIES,
-    ModelSizes,
-    activation_bytes,
-    buffer_bytes,
-    candidates,
-    estimate,
-    model_sizes,
-    model_states,
-    recommend,
-)
+from pretrain.plan.estimate import GB, activation_bytes, buffer_bytes, estimate, model_states
+from pretrain.plan.recommend import COMM_ORDER, candidates, recommend
+from pretrain.plan.sizes import ModelSizes, model_sizes
 from tests.conftest import REPO, test_env
 
 GPT2 = GPTConfig(vocab_size=50304)  # the defaults are GPT-2 small
@@ -172,7 +163,7 @@ def test_the_loss_never_holds_the_logits():
     # The chunked loss holds one chunk of logits, never the [b, s, V] fp32 logits and their
     # gradient (16 bytes x V per token, 6.6 GB at b=8, s=1024, V=50304).
     from pretrain.model import LOSS_CHUNK_BYTES
-    from pretrain.plan import loss_bytes
+    from pretrain.plan.estimate import loss_bytes
 
     b, s, V, C = 8, 1024, GPT2.padded_vocab_size, GPT2.n_embd
     loss = loss_bytes(GPT2, b * s, 2, autocast_copies=False)
@@ -322,14 +313,14 @@ def test_cli_refuses_unknown_keys(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     # The CLI's own entry point, in this process (a subprocess would spend seconds importing).
     from hydra.core.global_hydra import GlobalHydra
 
-    from pretrain import plan
+    from pretrain.plan import cli
 
     try:
         for bad in ("world_sise=8", "model.n_layers=3", "model=gpt2-9b"):
             GlobalHydra.instance().clear()
             monkeypatch.setattr(sys, "argv", ["plan", "model=gpt2-124m", bad])
             with pytest.raises(SystemExit) as exit_info:
-                plan.main()
+                cli.main()
             assert exit_info.value.code != 0
             assert bad.split("=")[0].split(".")[-1] in capsys.readouterr().err
     finally:
@@ -340,7 +331,7 @@ def test_presets_and_overrides_through_hydra():
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from pretrain.plan import plan_report, register
+    from pretrain.plan.cli import plan_report, register
 
     register()
     GlobalHydra.instance().clear()

@@ -1,14 +1,7 @@
-"""Memory planner: per-rank memory of every parallelism strategy, and which one to pick.
+"""The cost model: per-rank memory of training a GPT under each strategy, phase by phase.
 
-    python -m pretrain.plan model=gpt2-1.5b world_size=8 micro_batch=4 precision=bf16 \
-        device_memory_gb=40
-
-prints, per rank, the bytes of parameters, gradients, optimizer state, transient buffers and
-activations (with and without activation checkpointing) for each strategy, the peak of each
-phase of a run (init, train, save, resume: `_phases`, on the device and in host memory), and
-recommends the cheapest one, in communication, whose every phase fits the device.
-`estimate(...)` is the Python API; benchmarks/bench_memory.py checks the phase peaks against
-peak RSS per rank of real runs.
+`estimate(...)` is the Python API (`phase_peaks(...)` its phases alone);
+benchmarks/bench_memory.py checks the phase peaks against peak RSS per rank of real runs.
 
 Notation: Ψ = number of parameters (a tied matrix counts once), N = ranks the model states are
 sharded over (world_size; world_size / nodes for hsdp), "16-bit" = bf16 or fp16. Sizes in GB
@@ -109,130 +102,25 @@ default), NCCL buffers, torch.compile workspaces, pipeline or tensor parallelism
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import dataclass, field, fields
-from functools import lru_cache
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
+from pretrain.config import STRATEGIES
+from pretrain.engine.precision import DTYPES
+from pretrain.engine.strategies import MODES, STAGES, zero_bucket_elements
+from pretrain.model import LOSS_CHUNK_BYTES, GPTConfig
+from pretrain.plan.sizes import ModelSizes, model_sizes
 
-from pretrain.config import STRATEGIES, zero_bucket_elements
-from pretrain.model import GPT, LOSS_CHUNK_BYTES, GPTConfig
-
-# Cheapest communication first: replicated (one all-reduce of gradients) < ZeRO-1 (reduce-
-# scatter + all-gather, same volume) < ZeRO-2 < FSDP SHARD_GRAD_OP (one parameter all-gather
-# per step) < HSDP (re-gathers parameters, but only inside a node) < ZeRO-3 / FSDP (parameters
-# all-gathered in forward and again in backward: 1.5x the volume; fsdp first, it is native
-# PyTorch) < ZeRO-3 with CPU offload (also PCIe traffic and a CPU optimizer step).
-COMM_ORDER = (
-    "single",
-    "ddp",
-    "zero1",
-    "zero2",
-    "fsdp_grad_op",
-    "hsdp",
-    "fsdp",
-    "zero3",
-    "zero3_offload",
-)
-PRECISIONS = ("fp32", "bf16", "fp16")
-DEEPSPEED = ("zero1", "zero2", "zero3", "zero3_offload")
-FSDP = ("fsdp", "fsdp_grad_op", "hsdp")
+PRECISIONS = tuple(DTYPES)  # fp32, bf16, fp16
+DEEPSPEED = tuple(STAGES)  # what DeepSpeed runs: zero1, zero2, zero3, zero3_offload
+FSDP = tuple(s for s in MODES if s in STRATEGIES)  # FSDP2's, to choose: fsdp, fsdp_grad_op, hsdp
 # Strategies that run the fp32 model under torch.autocast (fp32 residual stream, 16-bit weight
 # copies); the others hold 16-bit parameters for compute.
 AUTOCAST = ("single", "ddp")
 
 GB = 1e9
-DEFAULT_VOCAB = 50304  # GPT-2's 50257 ids rounded up to a multiple of 64 (nanoGPT)
 ZERO3_PERSISTENCE_THRESHOLD = 0  # stage3_param_persistence_threshold as pretrain.engine sets it
 REDUCE_BUCKET_SIZE = 0  # elements; strategy.reduce_bucket_size's default: sized to the model
-
-
-# ---------------------------------------------------------------------------------------------
-# Model sizes
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSizes:
-    """Parameter counts the formulas need, read off the real model built on the meta device."""
-
-    shapes: tuple[tuple[int, ...], ...]
-    """Shape of every parameter (a tied matrix once)."""
-    block: int
-    """Parameters of one transformer block."""
-    n_blocks: int
-    """Number of blocks."""
-    linear_weights: int
-    """Elements of all nn.Linear weights (autocast keeps a 16-bit copy of each)."""
-    largest_module: int
-    """Parameters of the largest leaf module (the embedding, for GPT-2)."""
-    head: int = 0
-    """Elements of the output projection (an nn.Linear that autocast does not cast: the loss
-    casts it itself, see `loss_bytes`)."""
-    largest_param: int = 0
-    """Elements of the largest parameter (what initialisation and checkpointing hold whole)."""
-    width: int = 0
-    """n_embd (DeepSpeed's buckets are sized from it, `zero_bucket_elements`)."""
-
-    @property
-    def total(self) -> int:
-        """Ψ."""
-        return sum(math.prod(s) for s in self.shapes)
-
-    @property
-    def root(self) -> int:
-        """Parameters outside the blocks: embeddings, final norm, untied output projection."""
-        return self.total - self.n_blocks * self.block
-
-    @classmethod
-    def from_psi(cls, psi: int) -> ModelSizes:
-        """Sizes of a model known only by its parameter count: one flat tensor, no blocks.
-        Enough for the model-state formulas (the ZeRO paper's examples)."""
-        return cls(
-            shapes=((int(psi),),),
-            block=0,
-            n_blocks=0,
-            linear_weights=int(psi),
-            largest_module=int(psi),
-            largest_param=int(psi),
-        )
-
-
-def _key(cfg: GPTConfig) -> tuple[Any, ...]:
-    """`cfg` as a hashable tuple (per-layer width lists as tuples) for the cache below."""
-    values = (getattr(cfg, f.name) for f in fields(cfg))
-    return tuple(tuple(v) if isinstance(v, list) else v for v in values)
-
-
-@lru_cache(maxsize=64)
-def _sizes(key: tuple[Any, ...]) -> ModelSizes:
-    args: list[Any] = [list(v) if isinstance(v, tuple) else v for v in key]
-    cfg = GPTConfig(*args)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    shapes = tuple(tuple(p.shape) for p in model.parameters())
-    block = sum(p.numel() for p in model.transformer.h[0].parameters())
-    seen: set[int] = set()
-    linear = 0
-    largest = 0
-    for module in model.modules():
-        own = [p for p in module.parameters(recurse=False)]
-        largest = max(largest, sum(p.numel() for p in own))
-        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            linear += module.weight.numel()
-    head = model.lm_head.weight.numel()
-    largest_param = max(math.prod(sh) for sh in shapes)
-    return ModelSizes(shapes, block, cfg.n_layer, linear, largest, head, largest_param, cfg.n_embd)
-
-
-def model_sizes(cfg: GPTConfig) -> ModelSizes:
-    """Exact parameter counts of `GPT(cfg)` (built on the meta device: no memory, no compute)."""
-    cfg.validate()
-    return _sizes(_key(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +142,7 @@ class ModelStates:
 def shard_size(strategy: str, world_size: int, nodes: int = 1) -> int:
     """Ranks the model states are split over: 1 (replicated), world_size, or the ranks of one
     node for hsdp."""
-    _check_layout(strategy, world_size, nodes)
+    check_layout(strategy, world_size, nodes)
     if strategy in ("single", "ddp"):
         return 1
     if strategy == "hsdp":
@@ -262,7 +150,7 @@ def shard_size(strategy: str, world_size: int, nodes: int = 1) -> int:
     return world_size
 
 
-def _check_layout(strategy: str, world_size: int, nodes: int) -> None:
+def check_layout(strategy: str, world_size: int, nodes: int) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if world_size < 1:
@@ -712,358 +600,3 @@ def _phases(e: MemoryEstimate, sizes: ModelSizes, device: str, bucket: int) -> d
     )
     resume = PhasePeak(max(init.device, loaded.device), max(init.host, loaded.host))
     return {"init": init, "train": train, "save": save, "resume": resume}
-
-
-def candidates(world_size: int, nodes: int = 1) -> list[str]:
-    """Strategies worth recommending for this layout, cheapest communication first: single for
-    one rank, ddp for several; hsdp only across several nodes (with one it is fsdp)."""
-    out = []
-    for s in COMM_ORDER:
-        if s == "single" and world_size > 1:
-            continue
-        if s == "ddp" and world_size == 1:
-            continue
-        if s == "hsdp" and nodes == 1:
-            continue
-        out.append(s)
-    return out
-
-
-@dataclass
-class Recommendation:
-    strategy: str | None
-    """The cheapest strategy that fits, or None."""
-    message: str
-    """One paragraph for a human: the choice and why, or why nothing fits and what to change."""
-
-
-def recommend(
-    model_cfg: GPTConfig,
-    world_size: int,
-    micro_batch: int,
-    seq_len: int,
-    precision: str,
-    activation_checkpointing: bool,
-    device_memory_gb: float,
-    nodes: int = 1,
-    *,
-    usable_fraction: float = 0.9,
-    host_memory_gb: float = 0.0,
-    **kw: Any,
-) -> Recommendation:
-    """The first strategy in COMM_ORDER whose estimate fits `usable_fraction` of the device
-    (and, when host_memory_gb > 0, whose CPU part fits the host's share per rank)."""
-    if device_memory_gb <= 0 or not 0 < usable_fraction <= 1:
-        raise ValueError(
-            f"device_memory_gb must be > 0 and usable_fraction in (0, 1], got "
-            f"{device_memory_gb} and {usable_fraction}"
-        )
-    budget = device_memory_gb * GB * usable_fraction
-    ranks_per_node = world_size // nodes
-    host_budget = host_memory_gb * GB / ranks_per_node if host_memory_gb > 0 else math.inf
-
-    def fits(e: MemoryEstimate) -> bool:
-        return e.peak <= budget and e.host_peak <= host_budget
-
-    def est(s: str, ac: bool, mb: int = micro_batch, ws: int = world_size) -> MemoryEstimate:
-        return estimate(model_cfg, s, ws, mb, seq_len, precision, ac, nodes, **kw)
-
-    names = candidates(world_size, nodes)
-    for s in names:
-        e = est(s, activation_checkpointing)
-        if fits(e):
-            why = (
-                f"{s}: the cheapest in communication that fits ({e.peak / GB:.2f} GB of "
-                f"{budget / GB:.2f} GB usable = {usable_fraction:.0%} of {device_memory_gb:g} GB"
-            )
-            cheaper = names[: names.index(s)]
-            if cheaper:
-                needs = ", ".join(
-                    f"{c} {est(c, activation_checkpointing).peak / GB:.2f}" for c in cheaper
-                )
-                why += f"; cheaper ones need {needs} GB"
-            return Recommendation(s, why + ").")
-
-    # Nothing fits: say by how much, and what would make it fit.
-    best = min(names, key=lambda s: est(s, activation_checkpointing).peak)
-    e = est(best, activation_checkpointing)
-    lines = [
-        f"nothing fits: the smallest is {best} at {e.peak / GB:.2f} GB per rank "
-        f"(activations {e.activations / GB:.2f} GB) > {budget / GB:.2f} GB usable."
-    ]
-    if not activation_checkpointing:
-        for s in names:
-            if fits(est(s, True)):
-                lines.append(
-                    f"Set activation_checkpointing=true: {s} then needs "
-                    f"{est(s, True).peak / GB:.2f} GB."
-                )
-                break
-    for ac in (activation_checkpointing, True):
-        mb = next((m for m in range(micro_batch - 1, 0, -1) if fits(est(best, ac, mb=m))), 0)
-        if mb:
-            with_ac = (
-                " with activation checkpointing" if ac and not activation_checkpointing else ""
-            )
-            lines.append(
-                f"Lower micro_batch to {mb}{with_ac} ({best}; keep the global batch with "
-                "gradient accumulation)."
-            )
-            break
-    if e.activations > budget:
-        lines.append("Activations alone exceed the usable memory: more ranks cannot help.")
-    sharded = "zero3_offload" if best == "zero3_offload" else "fsdp"
-    for ws in (2**k for k in range(1, 13)):
-        if (
-            ws > world_size
-            and ws % nodes == 0
-            and fits(est(sharded, activation_checkpointing, ws=ws))
-        ):
-            lines.append(f"Or shard over more ranks: {sharded} fits at world_size={ws}.")
-            break
-    if host_budget < math.inf and e.host_peak > host_budget:
-        lines.append(
-            f"{best}'s host part ({e.host_peak / GB:.2f} GB per rank) exceeds the host's "
-            f"{host_budget / GB:.2f} GB per rank."
-        )
-    return Recommendation(None, " ".join(lines))
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line (Hydra): python -m pretrain.plan model=<preset> world_size=8 ...
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PlanConfig:
-    defaults: list[Any] = field(
-        # _self_ first: the preset must override the schema's defaults, not the reverse.
-        default_factory=lambda: [
-            "_self_",
-            {"model": "gpt2-124m"},
-            {"override hydra/job_logging": "none"},
-            {"override hydra/hydra_logging": "none"},
-        ]
-    )
-    model: GPTConfig = field(default_factory=GPTConfig)
-    """Architecture: a conf/model preset (model=gpt2-350m) and/or model.<key>=... overrides."""
-    strategy: str = "all"
-    """One of single, ddp, zero1, zero2, zero3, zero3_offload, fsdp, fsdp_grad_op, hsdp, or all."""
-    world_size: int = 8
-    """Total ranks (processes, one per GPU)."""
-    nodes: int = 1
-    """Nodes the ranks are spread over (hsdp shards within a node, replicates across nodes)."""
-    micro_batch: int = 8
-    """Sequences per forward pass per rank."""
-    seq_len: int = 0
-    """Tokens per sequence (0 = model.block_size)."""
-    precision: str = "bf16"
-    """fp32, bf16 or fp16."""
-    vocab_size: int = 0
-    """Vocabulary size (0 = model.vocab_size, or 50304, GPT-2's padded vocabulary, when the
-    preset leaves it to the data)."""
-    device_memory_gb: float = 80.0
-    """Accelerator memory per rank, in GB (1e9 bytes)."""
-    usable_fraction: float = 0.9
-    """Fraction of device memory an estimate may fill (the rest: CUDA context, fragmentation)."""
-    host_memory_gb: float = 0.0
-    """Host memory per node for zero3_offload's CPU part (0 = not checked)."""
-    activation_checkpointing: bool = False
-    """Recommend with activation checkpointing (both are printed)."""
-    device: str = "cuda"
-    """cuda or cpu: on CPU, torch's AdamW (unfused) makes temporaries the size of each tensor it
-    steps, and the device and the host are one memory."""
-    flash_attention: bool = True
-    """SDPA flash/memory-efficient attention (no s x s attention matrix stored)."""
-    offload_params: bool = True
-    """zero3_offload moves the 16-bit parameter partition to the CPU too (as pretrain.engine)."""
-    reduce_bucket_size: int = REDUCE_BUCKET_SIZE
-    """DeepSpeed reduce bucket, in elements (strategy.reduce_bucket_size)."""
-    hydra: Any = field(
-        default_factory=lambda: {
-            "run": {"dir": "."},
-            "output_subdir": None,
-            "job": {"chdir": False},
-        }
-    )
-
-
-MODEL_PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"
-
-
-def register() -> None:
-    """Store the `plan` primary config and the conf/model presets in Hydra's ConfigStore.
-
-    Only the model group is taken from conf/: the training config's other groups (strategy,
-    precision) would turn this tool's plain `strategy=`/`precision=` keys into group choices.
-    Each preset is merged into the GPTConfig schema, so a preset or override naming an unknown
-    model key fails."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    cs = ConfigStore.instance()
-    cs.store(name="plan", node=PlanConfig)
-    for path in sorted(MODEL_PRESETS.glob("*.yaml")):
-        cs.store(group="model", name=path.stem, node=OmegaConf.load(path))
-
-
-def _fmt(x: int, unit: float) -> str:
-    return f"{x / unit:.2f}"
-
-
-def plan_report(cfg: Any) -> tuple[str, Recommendation | None]:
-    """The printed table and the recommendation for a PlanConfig (or its DictConfig)."""
-    mc = GPTConfig.from_mapping(dict(cfg.model))
-    if cfg.vocab_size:
-        mc.vocab_size = cfg.vocab_size
-    elif mc.vocab_size == 0:
-        mc.vocab_size = DEFAULT_VOCAB
-    seq_len = cfg.seq_len or mc.block_size
-    names = list(STRATEGIES) if cfg.strategy == "all" else [cfg.strategy]
-    for s in names:
-        _check_layout(s, cfg.world_size, cfg.nodes)
-    kw = dict(
-        flash_attention=cfg.flash_attention,
-        offload_params=cfg.offload_params,
-        reduce_bucket_size=cfg.reduce_bucket_size,
-        device=cfg.device,
-    )
-    args = (cfg.world_size, cfg.micro_batch, seq_len, cfg.precision)
-    ac = bool(cfg.activation_checkpointing)
-    rows = []
-    for s in names:
-        off = estimate(mc, s, *args, False, cfg.nodes, **kw)
-        on = estimate(mc, s, *args, True, cfg.nodes, **kw)
-        rows.append((s, off, on, (on if ac else off).phases))
-    psi = model_sizes(mc).total
-    largest = max(
-        max(off.total, on.total, *(p.total for p in ph.values())) for _, off, on, ph in rows
-    )
-    unit, uname = (GB, "GB") if largest >= GB else (1e6, "MB")
-    budget = cfg.device_memory_gb * GB * cfg.usable_fraction
-    out = [
-        f"Memory per rank: {psi / 1e6:.1f}M parameters (n_layer={mc.n_layer}, "
-        f"n_embd={mc.n_embd}, vocab {mc.padded_vocab_size}), world_size={cfg.world_size}, "
-        f"nodes={cfg.nodes}, micro_batch={cfg.micro_batch}, seq_len={seq_len}, "
-        f"precision={cfg.precision}",
-        f"{uname} ({'1e9' if uname == 'GB' else '1e6'} bytes) on the {cfg.device}. act = "
-        "activations, AC = with activation checkpointing, buffers = transient/communication; "
-        f"train, init, save, resume = peak of each phase{' (with AC)' if ac else ''}; host = "
-        "the largest host-memory peak of any phase (offloaded states, checkpoint staging)",
-        "",
-    ]
-    head = (
-        "strategy",
-        "shard",
-        "params",
-        "grads",
-        "optim",
-        "buffers",
-        "act",
-        "act+AC",
-        "train",
-        "train+AC",
-        "init",
-        "save",
-        "resume",
-        "host",
-        "fits",
-    )
-    table = [head]
-    for s, off, on, ph in rows:
-        ok = max(p.device for p in ph.values()) <= budget
-        table.append(
-            (
-                s,
-                str(off.shard_size),
-                _fmt(off.params, unit),
-                _fmt(off.grads, unit),
-                _fmt(off.optim, unit),
-                _fmt(off.buffers, unit),
-                _fmt(off.activations, unit),
-                _fmt(on.activations, unit),
-                _fmt(off.total, unit),
-                _fmt(on.total, unit),
-                _fmt(ph["init"].device, unit),
-                _fmt(ph["save"].device, unit),
-                _fmt(ph["resume"].device, unit),
-                _fmt(max(p.host for p in ph.values()), unit),
-                "yes" if ok else "no",
-            )
-        )
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    for r in table:
-        out.append(
-            "  ".join(
-                v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))
-            )
-        )
-    out.append("")
-    out.append(
-        f"fits = every phase's peak{' (with AC)' if ac else ''} <= {budget / GB:.2f} GB "
-        f"({cfg.usable_fraction:.0%} of device_memory_gb={cfg.device_memory_gb:g})"
-    )
-    rec = None
-    if cfg.strategy == "all":
-        rec = recommend(
-            mc,
-            cfg.world_size,
-            cfg.micro_batch,
-            seq_len,
-            cfg.precision,
-            cfg.activation_checkpointing,
-            cfg.device_memory_gb,
-            cfg.nodes,
-            usable_fraction=cfg.usable_fraction,
-            host_memory_gb=cfg.host_memory_gb,
-            **kw,
-        )
-        out.append(f"Recommendation: {rec.message}")
-    return "\n".join(out), rec
-
-
-def check_keys(argv: list[str]) -> None:
-    """Fail early, naming the valid keys and the closest match, on an unknown `key=value`
-    (Hydra refuses it too, but only says the key is not in the struct)."""
-    import difflib
-
-    top = [f.name for f in fields(PlanConfig) if f.name not in ("defaults", "hydra")]
-    model = [f.name for f in fields(GPTConfig)]
-    for arg in argv:
-        if "=" not in arg or arg.startswith(("-", "hydra", "+hydra", "~")):
-            continue
-        key = arg.split("=", 1)[0].lstrip("+")
-        parent, _, leaf = key.rpartition(".")
-        valid = model if parent == "model" else top
-        if (parent in ("", "model") and leaf in valid) or key == "model":
-            continue
-        close = difflib.get_close_matches(leaf, valid, n=1)
-        hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
-        where = "model" if parent == "model" else "the top level"
-        sys.stderr.write(
-            f"error: unknown key '{key}'.{hint}\nValid keys at {where}: {', '.join(valid)}\n"
-        )
-        raise SystemExit(2)
-
-
-def main() -> None:
-    import hydra
-    from omegaconf import DictConfig
-
-    check_keys(sys.argv[1:])
-    register()
-
-    @hydra.main(config_path=None, config_name="plan", version_base=None)
-    def _main(cfg: DictConfig) -> None:
-        try:
-            text, _ = plan_report(cfg)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
-        print(text, flush=True)
-
-    _main()
-
-
-if __name__ == "__main__":
-    main()
