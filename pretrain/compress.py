@@ -5,7 +5,8 @@ int8-dynamic] [--finetune-steps N]`
 Writes a smaller model, and what it cost:
 
     out/compressed.json   what was done (source, pruning, fine-tune, quantisation) and the
-                          model's architecture: the marker `pretrain.pretrained` detects
+                          model's architecture: the marker `pretrain.pretrained` detects (the
+                          directory's format is `pretrain.compressed`)
     out/model.safetensors the weights (int8 tensors flattened by torchao; `pretrain.quantize`)
     out/tokenizer.model   the model's tokenizer (tokenizer.json for a Hugging Face source)
     out/report.json, out/report.md
@@ -30,29 +31,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pretrain import checkpoint
+from pretrain.compressed import WEIGHTS, config_of, read_info, write_compressed
 from pretrain.config import ConfigError
 from pretrain.data.shards import DataError, Manifest, read_manifest
 from pretrain.model import GPT, GPTConfig
-from pretrain.pretrained import Pretrained, SourceError, check_tokenizer, load_pretrained
+from pretrain.pretrained import Pretrained, check_tokenizer, load_pretrained, tokenizer_file
 from pretrain.pruning import METHODS as PRUNE_METHODS
 from pretrain.pruning import PruneError
 from pretrain.quantize import METHODS as QUANT_METHODS
 
-FORMAT = "pretrain-compressed/1"
-MANIFEST = "compressed.json"
-WEIGHTS = "model.safetensors"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -61,67 +59,12 @@ class CompressError(ConfigError):
 
 
 # ---------------------------------------------------------------------------------------------
-# The compressed model directory: written here, read by pretrain.pretrained
+# The source
 # ---------------------------------------------------------------------------------------------
-
-
-def is_compressed_dir(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def read_info(path: str | Path) -> dict[str, Any]:
-    info = json.loads((Path(path) / MANIFEST).read_text())
-    if info.get("format") != FORMAT:
-        raise SourceError(
-            f"{path}/{MANIFEST} is format {info.get('format')!r}; this version reads {FORMAT}"
-        )
-    return info
-
-
-def config_of(info: dict[str, Any]) -> GPTConfig:
-    return GPTConfig(**info["model"])
-
-
-def load_compressed(path: str | Path) -> tuple[GPTConfig, GPT, dict[str, Any]]:
-    """The architecture, the model (weights loaded, quantised ones as int8) and the manifest
-    of a compressed model directory."""
-    from pretrain.quantize import load_into, load_weights
-
-    path = Path(path)
-    info = read_info(path)
-    cfg = config_of(info)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    try:
-        load_into(model, load_weights(path / info.get("weights", WEIGHTS)))
-    except (OSError, RuntimeError, ValueError) as e:
-        raise SourceError(f"{path}: the weights do not load ({type(e).__name__}: {e})") from e
-    return cfg, model.eval(), info
-
-
-def write_compressed(
-    out: Path, model: GPT, info: dict[str, Any], tokenizer_from: list[Path]
-) -> Path:
-    """Write `model` and its manifest `info` to `out` (the manifest last: it marks the
-    directory as complete)."""
-    from pretrain.quantize import save_weights
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    save_weights(model.state_dict(), out / WEIGHTS, {"format": FORMAT})
-    for f in tokenizer_from:
-        if f.resolve() != (out / f.name).resolve():
-            shutil.copyfile(f, out / f.name)
-    model_cfg = asdict(model.cfg)
-    full = {"format": FORMAT, "weights": WEIGHTS, "model": model_cfg, **info}
-    (out / MANIFEST).write_text(json.dumps(full, indent=1) + "\n")
-    return out
 
 
 def tokenizer_files(p: Pretrained) -> list[Path]:
     """The files that hold `p`'s tokenizer, to copy next to its compressed weights."""
-    from pretrain.pretrained import tokenizer_file
-
     if p.kind == "checkpoint":
         return [tokenizer_file(p.path)]
     if (p.path / "tokenizer.model").is_file():
@@ -179,7 +122,7 @@ def measure(
 ) -> dict[str, Any]:
     """Everything the report lists about one model, except generation speed (measured for all
     stages together, interleaved: see `main`)."""
-    from pretrain.eval import evaluate_split
+    from pretrain.evaluation.split import evaluate_split
 
     params, nonzero = count_params(model)
     ev = evaluate_split(

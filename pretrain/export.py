@@ -28,9 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pretrain.checkpoint import CheckpointError, load_model_weights, read_config, resolve
+from pretrain.compressed import config_of, is_compressed_dir, load_compressed, read_info
+from pretrain.engine.precision import DTYPES
 from pretrain.model import GPTConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("auto", "hf", "safetensors")
 
 
@@ -71,8 +72,6 @@ def export_hf(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-    from pretrain.compress import is_compressed_dir
-
     if is_compressed_dir(src):
         return _export_compressed_hf(Path(src), out, dtype, max_shard_size)
     ckpt = resolve(src)
@@ -93,7 +92,6 @@ def _export_compressed_hf(src: Path, out: str | Path, dtype: str, max_shard_size
     """A pruned model of `pretrain.compress` as a Hugging Face directory (same architecture
     rules; int8 weights have no stock transformers class and stay in our format)."""
     from pretrain import hf
-    from pretrain.compress import config_of, load_compressed, read_info
     from pretrain.quantize import model_is_quantized
 
     cfg = config_of(read_info(src))

@@ -89,7 +89,6 @@ from pretrain.data.sources import (
     make_units,
     resolve_inputs,
     roots,
-    stdlib_files,
     training_sample,
 )
 from pretrain.data.tokenize import tokenized
@@ -102,7 +101,7 @@ from pretrain.tokenizer import (
     write_atomic,
 )
 
-__all__ = ["PrepareConfig", "PrepareError", "TokenizerConfig", "run_prepare", "stdlib_files"]
+__all__ = ["PrepareConfig", "PrepareError", "TokenizerConfig", "run_prepare"]
 
 VAL_MIN_CAP = 0.1  # the val minimums never take more than this share of documents or tokens
 

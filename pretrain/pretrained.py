@@ -8,8 +8,9 @@ and `train.init_from`.
                  strategy and world size
     hf           a Hugging Face directory (config.json) of a GPT2LMHeadModel or a
                  LlamaForCausalLM, ours (`pretrain.export --format hf`) or anyone's
-    compressed   a directory written by `pretrain.compress` (compressed.json): pruned and/or
-                 int8 weights, loaded as they are stored (int8 stays int8)
+    compressed   a directory written by `pretrain.compress` (compressed.json, the format of
+                 `pretrain.compressed`): pruned and/or int8 weights, loaded as they are stored
+                 (int8 stays int8)
 
 and returns a `Pretrained`: our GPT with the weights loaded, its config, and its tokenizer
 behind one small interface (sentencepiece for checkpoints, tokenizer.json for HF directories).
@@ -34,6 +35,7 @@ from typing import Any, Literal
 import torch
 
 from pretrain import checkpoint
+from pretrain.compressed import CompressedDirError, is_compressed_dir, load_compressed
 from pretrain.config import ConfigError
 from pretrain.data.shards import Manifest, fetch, resolve
 from pretrain.model import GPT, GPTConfig
@@ -124,8 +126,6 @@ class Pretrained:
 def detect(path: str | Path) -> Kind:
     """Which kind of stored model `path` is; SourceError (one line) when it is none of them."""
     p = Path(path)
-    from pretrain.compress import is_compressed_dir
-
     if is_compressed_dir(p):
         return "compressed"
     if checkpoint.is_complete(p) or (p / "checkpoints").is_dir():
@@ -159,10 +159,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
     """The model stored at `path` (any kind, see the module docstring), on `device`."""
     kind = detect(path)
     if kind == "compressed":
-        from pretrain.compress import load_compressed
-
         src = Path(path)
-        cfg, model, info = load_compressed(src)
+        try:
+            cfg, model, info = load_compressed(src)
+        except CompressedDirError as e:
+            raise SourceError(str(e)) from e
         if (src / "tokenizer.model").is_file():
             tok: TextTokenizer | None = SentencePieceText(src / "tokenizer.model")
         else:

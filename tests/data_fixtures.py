@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pretrain.prepare import PrepareConfig, TokenizerConfig, run_prepare, stdlib_files
+from pretrain.data.sources import stdlib_files
+from pretrain.prepare import PrepareConfig, TokenizerConfig, run_prepare
 
 # The tiny dataset: ~200 stdlib files (~650k tokens), vocab 512, shards of ~16k tokens (~40 train
 # shards), 5% validation raised to the val minimum as far as 10% of the corpus allows (~19

@@ -12,7 +12,12 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from hydra_plugins.pretrain_sweep import config as _configs  # noqa: F401 - registers them
+from pretrain.sweep.schema import register
+
+# Hydra imports this module when it scans its plugins, before it composes a config: so the
+# schemas are in its ConfigStore when `hydra/sweeper=optuna` or `hydra/launcher=torchrun` is
+# looked up.
+register()
 
 
 class OptunaSweeper(Sweeper):

@@ -13,7 +13,10 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from hydra_plugins.pretrain_sweep import config as _configs  # noqa: F401 - registers them
+from pretrain.sweep.schema import register
+
+# At Hydra's plugin scan, as in optuna_sweeper.py: either plugin, loaded alone, registers both.
+register()
 
 
 class TorchrunLauncher(Launcher):

@@ -65,6 +65,8 @@ class Unit:
 
 
 def stdlib_files() -> list[str]:
+    """The embedded corpus (`input=stdlib`): every .py file of the running Python's standard
+    library, without site-packages."""
     root = sysconfig.get_paths()["stdlib"]
     files = glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
     skip = {"site-packages", "dist-packages"}

@@ -23,12 +23,15 @@ Where each part lives:
                           reports, result.json, and the process state torn down between trials
     space.py              Hydra's sweep syntax -> Optuna distributions (and grids)
     study.py              storage, samplers, pruners, and how a study is continued
-    optuna_sweeper.py     `hydra/sweeper=optuna` (registered in hydra_plugins/pretrain_sweep)
+    lock.py               the file lock on a sweep directory and on a trial's run directory
+    schema.py             the configs of `hydra/sweeper=optuna`, its samplers and pruners, and
+                          `hydra/launcher=torchrun` (registered by hydra_plugins/pretrain_sweep)
+    optuna_sweeper.py     `hydra/sweeper=optuna` (Hydra finds it in hydra_plugins/pretrain_sweep)
     torchrun_launcher.py  `hydra/launcher=torchrun`: each trial on several local processes
     results.py            results.csv, optimization_results.yaml and the plots
     callbacks.py          results of Hydra's basic sweeper (it knows nothing of them)
 
 On Slurm, `hydra/launcher=submitit_slurm` (hydra-submitit-launcher) runs each trial as a job;
-every task of it is a rank (`pretrain.dist.adopt_slurm_tasks`), and the sweeper, in one
-process, is the only place parameters are chosen.
+every task of it is a rank (`pretrain.engine.process_group.adopt_slurm_tasks`), and the
+sweeper, in one process, is the only place parameters are chosen.
 """

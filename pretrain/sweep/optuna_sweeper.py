@@ -1,7 +1,7 @@
 """`hydra/sweeper=optuna`: Hydra's Optuna sweeper, on the current Optuna, with pruning and resume.
 
-Its interface is the one users of Hydra's Optuna sweeper know (see
-hydra_plugins/pretrain_sweep/config.py); what it adds:
+Its interface is the one users of Hydra's Optuna sweeper know (see `pretrain.sweep.schema`);
+what it adds:
 
 - The study lives in `<sweep dir>/study.journal` unless `storage` says otherwise, under the
   name of the sweep dir, and re-running the same command continues it up to `n_trials` trials
@@ -38,9 +38,9 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from hydra_plugins.pretrain_sweep.config import PRUNERS, SAMPLERS
 from pretrain.config import unknown_key
 from pretrain.sweep import results
+from pretrain.sweep.schema import PRUNERS, SAMPLERS
 from pretrain.sweep.space import SweepError, describe, grid_values, override_value, parse
 from pretrain.sweep.study import (
     JOURNAL,

@@ -19,8 +19,8 @@ from typing import Any
 
 import optuna
 
+from pretrain.sweep.lock import DirLock
 from pretrain.sweep.space import SweepError
-from pretrain.sweep.trial import DirLock
 
 JOURNAL = "study.journal"
 LOCK = ".sweep.lock"

@@ -34,6 +34,7 @@ from hydra.errors import CompactHydraException
 
 from pretrain import dist
 from pretrain.config import ConfigError
+from pretrain.sweep.lock import DirLock
 
 RESULT_FILE = "result.json"
 TRIAL_FILE = "trial.yaml"
@@ -41,39 +42,6 @@ TRIAL_LOCK = ".trial.lock"
 # Overrides a trial gets from where it runs, not from what it is (see `trial_settings`): they
 # are left out of its identity, so that a trial killed under one launcher resumes under another.
 PLACEMENT_KEYS = ("run.dir", "run.name", "sweep.dir", "logging.wandb_group")
-
-
-class DirLock:
-    """An exclusive lock on `path` (fcntl.flock), released by the kernel when its holder ends or
-    is killed: a lock left over by a killed process never blocks anyone."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.file = Path(path), None
-
-    def acquire(self) -> str | None:
-        """None once held; else who holds it."""
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")  # noqa: SIM115 - held until release()
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            return holder
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        f.flush()
-        self.file = f  # type: ignore[assignment]
-        return None
-
-    def release(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
 
 
 _held: list[DirLock] = []  # the trial locks this process holds (released between trials)
@@ -246,6 +214,8 @@ class Pruner:
         self.trial: Any = None
         if cfg.sweep.trial < 0 or not cfg.sweep.storage or not dist.is_main():
             return
+        # Here, not at the top: `study` imports optuna, which only a trial of an Optuna sweep
+        # needs, and every training run imports this module.
         from pretrain.sweep.study import open_trial
 
         self.trial = open_trial(cfg.sweep.storage, cfg.sweep.study_name, cfg.sweep.trial)
@@ -286,7 +256,7 @@ def finish(cfg: Any, step: int, tokens: int, pruned: bool, started: float) -> Tr
     if dist.is_main():
         write_result(run_dir, result)
         if cfg.sweep.trial >= 0 and cfg.sweep.storage:
-            from pretrain.sweep.study import tell
+            from pretrain.sweep.study import tell  # optuna: see Pruner
 
             # At once, not when the sweeper's batch is over: the trials still running (the next
             # ones in this process, or other Slurm jobs) are pruned and sampled knowing it.
@@ -323,14 +293,10 @@ def restored_process() -> Iterator[None]:
         while _held:
             _held.pop().release()
         dist.stop_watching()
-        if dist.initialized():
-            import torch.distributed
+        from pretrain.engine import process_group
 
-            with contextlib.suppress(Exception):
-                torch.distributed.destroy_process_group()
-        from pretrain.engine import reset_accelerate_state
-
-        reset_accelerate_state()
+        process_group.destroy()
+        process_group.reset_accelerate_state()
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
             with contextlib.suppress(Exception):

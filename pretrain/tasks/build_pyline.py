@@ -23,6 +23,7 @@ import os
 import sysconfig
 from pathlib import Path
 
+from pretrain.data.sources import stdlib_files
 from pretrain.tasks import TASKS_DIR
 
 CONTEXT_LINES = 6
@@ -52,8 +53,6 @@ def indent(line: str) -> str:
 
 def sources() -> list[tuple[str, list[str]]]:
     """(path relative to the stdlib, lines) of the stdlib's .py files, in sha256-of-path order."""
-    from pretrain.prepare import stdlib_files
-
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
     for f in stdlib_files():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint, pruning
-from pretrain.compress import write_compressed
+from pretrain.compressed import write_compressed
 from pretrain.model import GPT, GPTConfig
 from tests.conftest import torchrun
 from tests.distributed.test_init_from import cli

@@ -16,11 +16,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from pretrain.config import ConfigError
-from pretrain.dist import adopt_slurm_tasks
+from pretrain.engine.process_group import adopt_slurm_tasks
 from pretrain.sweep import results
+from pretrain.sweep.lock import DirLock
 from pretrain.sweep.optuna_sweeper import OptunaSweep
 from pretrain.sweep.space import SweepError, describe, grid_values, override_value, parse
-from pretrain.sweep.trial import DirLock, TrialResult, claim, write_result
+from pretrain.sweep.trial import TrialResult, claim, write_result
 from tests.conftest import REPO, test_env
 
 

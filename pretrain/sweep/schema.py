@@ -1,4 +1,6 @@
-"""Config schemas of `hydra/sweeper=optuna` and `hydra/launcher=torchrun`.
+"""Config schemas of `hydra/sweeper=optuna` and `hydra/launcher=torchrun`, and `register`, which
+puts them in Hydra's ConfigStore (the plugins in hydra_plugins/pretrain_sweep call it as Hydra
+loads them).
 
 The sweeper keeps the interface of Hydra's own Optuna sweeper (hydra-optuna-sweeper 1.2): the
 same keys (`direction`, `storage`, `study_name`, `n_trials`, `n_jobs`, `max_failure_rate`,
@@ -7,10 +9,14 @@ cmaes, nsgaii, qmc; gp added), and the same search-space syntax. Added: the `hyd
 group (median by default; none turns pruning off), and the shorthand `hydra.sweeper.sampler=random`
 (a name selects that sampler with its defaults; the group form `hydra/sweeper/sampler=random`
 lets you set its options too, e.g. `hydra.sweeper.sampler.seed=0`).
+
+The `_target_`s of the sweeper and the launcher name their classes in hydra_plugins: Hydra only
+instantiates plugins from that package, and only classes it found there at start-up.
 """
 
-# No `from __future__ import annotations`: Hydra loads plugin modules without registering them in
-# sys.modules, where dataclasses would look string annotations up.
+# OmegaConf reads these dataclass annotations at run time to type the configs: they are
+# evaluated (no `from __future__ import annotations`) and keep typing's spelling (Optional, List,
+# Dict), which every OmegaConf version reads.
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -211,6 +217,9 @@ class TorchrunLauncherConf:
 
 
 def register() -> None:
+    """Store the sweeper's, samplers', pruners' and launcher's schemas in Hydra's ConfigStore,
+    where `hydra/sweeper=optuna`, `hydra/sweeper/sampler=...`, `hydra/sweeper/pruner=...` and
+    `hydra/launcher=torchrun` find them. Storing them again replaces them with the same."""
     cs = ConfigStore.instance()
     cs.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="pretrain")
     for name, node in SAMPLERS.items():
@@ -220,6 +229,3 @@ def register() -> None:
     cs.store(
         group="hydra/launcher", name="torchrun", node=TorchrunLauncherConf, provider="pretrain"
     )
-
-
-register()
