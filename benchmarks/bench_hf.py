@@ -47,7 +47,7 @@ def preset(name: str, vocab: int) -> GPTConfig:
 
 def small_tokenizer(out: Path) -> Path:
     """A 512-piece sentencepiece model from a few stdlib files (its size does not matter here)."""
-    from pretrain.prepare import stdlib_files
+    from pretrain.data.sources import stdlib_files
     from pretrain.tokenizer import train_tokenizer
 
     lines = []
@@ -133,7 +133,8 @@ def bench_eval(data: Path, model: str, rounds: int, max_documents: int, work: Pa
     from lm_eval.models.huggingface import HFLM
 
     from pretrain.data.shards import read_manifest, read_shard
-    from pretrain.eval import PretrainLM, data_tokenizer, evaluate_split
+    from pretrain.evaluation.harness import PretrainLM
+    from pretrain.evaluation.split import data_tokenizer, evaluate_split
     from pretrain.export import export_hf
     from pretrain.pretrained import load_pretrained
 

@@ -5,8 +5,9 @@ Layout of `<run.dir>/checkpoints/`:
     step_0000200/
         dcp/                 model + optimizer (+ loss scaler), torch distributed checkpoint,
                              keyed by parameter name: loads at any world size and strategy
-        rng/rank_<r>.pt      every rank's RNG states (tensors only)
-        train_state.json     step, tokens seen, every rank's data-loader state, W&B run id, ...
+        rng/rank_<r>.pt      every rank's RNG states (tensors only)         } the training state
+        train_state.json     step, tokens seen, every rank's data-loader  } (TrainState,
+                             state, W&B run id, early stopping, ...        } training/state.py)
         config.yaml          the resolved config of the run that wrote it
         deepspeed/           (ZeRO strategies) DeepSpeed's own format, for `zero_to_fp32`
         COMPLETE             written last: a directory without it is not a checkpoint
@@ -24,11 +25,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from pretrain import dist
+from pretrain.config import CheckpointConfig
 from pretrain.failpoint import failpoint
 
 # DCP warns on every single-process save/load that it assumes a single process: it is right.
@@ -77,24 +78,6 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    # Python's generator as a tensor of its 625 words (+ position), so no pickle is needed.
-    version, words, gauss = random.getstate()
-    state["python"] = torch.tensor(list(words), dtype=torch.int64)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if "python" in state:
-        random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
 
 
 def is_complete(path: Path) -> bool:
@@ -179,10 +162,13 @@ def save(
     config: dict[str, Any],
     keep_last: int,
     native_saver: Any = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
-    Every rank writes its part (tensors, RNG, the backend's native files), then all ranks agree
+    `state`: the engine's tensors (DCP); `train_state`: JSON, written by rank 0; `rng`: this
+    rank's RNG streams (tensors), if any. Every rank writes its part (tensors, RNG, the
+    backend's native files), then all ranks agree
     on whether every part was written before rank 0 publishes anything: a write that failed on
     any rank raises CheckpointError on every rank, and that checkpoint never becomes complete
     or `latest`."""
@@ -198,15 +184,16 @@ def save(
             (tmp / "rng").mkdir(parents=True)
         dist.barrier()
         dcp.save(state, checkpoint_id=str(tmp / "dcp"))
-        torch.save(rng_state(), tmp / "rng" / f"rank_{dist.rank()}.pt")
-        _fsync_file(tmp / "rng" / f"rank_{dist.rank()}.pt")
+        if rng is not None:
+            torch.save(rng, tmp / "rng" / f"rank_{dist.rank()}.pt")
+            _fsync_file(tmp / "rng" / f"rank_{dist.rank()}.pt")
         if native_saver is not None:
             native_saver(str(tmp / "deepspeed"))
     except (OSError, RuntimeError, CheckpointException) as e:
         # torch.save reports a failed write as RuntimeError, DCP as CheckpointException.
         local_error = _describe(e)
         failed_here = not isinstance(e, CheckpointException) or dist.rank() in e.failures
-    reports = gather_states({"error": local_error})  # every rank's outcome, in rank order
+    reports = dist.gather_objects({"error": local_error})  # every rank's outcome, in rank order
     failed = [rep["error"] for rep in reports if rep["error"] is not None]
     if failed:
         if not failed_here:
@@ -269,18 +256,32 @@ def _give_up(root: Path, tmp: Path, final: Path, what: str) -> None:
     )
 
 
+class RunState(Protocol):
+    """What the checkpointer saves besides the engine: the training state (`TrainState`)."""
+
+    step: int
+
+    def state_dict(self) -> dict[str, Any]: ...  # JSON-able; a collective
+
+    def rng_state_dict(self) -> dict[str, torch.Tensor]: ...  # this rank's RNG streams
+
+    def load_state_dict(
+        self, state: dict[str, Any], *, same_run: bool, rng: dict[str, torch.Tensor] | None
+    ) -> None: ...
+
+
 class Checkpointer:
     """The run's checkpoints: where they live, when one is due, what it holds, and which one a
     restarted run continues from. The loop only reports progress and asks.
 
-    A save holds the engine's tensors in their portable form (`Engine.state_dict`), the train
-    state, every rank's data-loader position and RNG, the resolved config, and whatever the
-    engine writes in its backend's own format (`Engine.save_native`). One is due every
-    `checkpoint.every` steps, at the last step, whenever the loop must stop early
-    (preemption, `train.stop_at_step`, early stopping) and at every new best validation loss
-    when early stopping is on, never twice for the same step. The newest best is marked
-    `best`; every checkpoint records which one that was (`best_checkpoint`), so a resumed run
-    re-marks it."""
+    A save holds the engine's tensors in their portable form (`Engine.state_dict`), the training
+    state (`TrainState`: step, tokens, run id, early-stopping record, every rank's data-loader
+    position and RNG), the resolved config, and whatever the engine writes in its backend's own
+    format (`Engine.save_native`). One is due every `checkpoint.every` steps, at the last step,
+    whenever the loop must stop early (preemption, `train.stop_at_step`, early stopping) and at
+    every new best validation loss when early stopping is on, never twice for the same step.
+    The newest best is marked `best`; every checkpoint records which one that was
+    (`best_checkpoint`), so a resumed run re-marks it."""
 
     def __init__(self, run_dir: Path, cfg: Any, config: dict[str, Any], max_steps: int) -> None:
         self.root = Path(run_dir) / "checkpoints"
@@ -288,6 +289,14 @@ class Checkpointer:
         self.config, self.max_steps = config, max_steps
         self.last_saved: int | None = None
         self.best: str | None = None  # name of the checkpoint marked `best`
+
+    @classmethod
+    def from_config(
+        cls, cfg: CheckpointConfig, run_dir: Path, config: dict[str, Any], max_steps: int
+    ) -> Checkpointer:
+        """`checkpoint.*` decides cadence, retention and what to resume; the run supplies its
+        directory, its resolved config (saved in every checkpoint) and its length."""
+        return cls(run_dir, cfg, config, max_steps)
 
     def resume_point(self) -> Path | None:
         """Collective. The checkpoint to continue from (`checkpoint.resume`), after rank 0 made
@@ -303,11 +312,17 @@ class Checkpointer:
         point taken from another run)."""
         return path.parent.resolve() == self.root.resolve()
 
-    def restore(self, path: Path, engine: Any) -> dict[str, Any]:
-        """Load the engine's state from `path` in place; returns the saved train state."""
-        state = engine.state_dict()
-        train_state = load(path, state)
-        engine.load_state_dict(state)
+    def restore(self, path: Path, engine: Any, state: RunState) -> None:
+        """Load the engine's tensors and the training state (`TrainState`) from `path`, in
+        place. This rank's RNG streams come back only at the world size that saved them."""
+        tensors = engine.state_dict()
+        train_state = load(path, tensors)
+        engine.load_state_dict(tensors)
+        rng_file = path / "rng" / f"rank_{dist.rank()}.pt"
+        rng = None
+        if train_state.get("world_size") == dist.world_size() and rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+        state.load_state_dict(train_state, same_run=self.same_run(path), rng=rng)
         self.last_saved = int(train_state["step"])
         # Another run's best is not this run's; our own is marked again in case a crash came
         # between a save and its pointer, or resuming an older checkpoint moved the best aside.
@@ -315,7 +330,6 @@ class Checkpointer:
         self.best = best if best and is_complete(self.root / best) else None
         if self.best and dist.is_main() and read_pointer(self.root, BEST) != self.best:
             self._mark_best(self.root / self.best)
-        return train_state
 
     def due(self, step: int, *, stop: bool = False, best: bool = False) -> bool:
         if step == self.last_saved:
@@ -325,22 +339,12 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return find_resume(self.root, "auto")
 
-    def save(
-        self,
-        step: int,
-        engine: Any,
-        train_state: dict[str, Any],
-        loader: Any,
-        *,
-        best: bool = False,
-    ) -> Path:
-        """Collective: every rank calls it. `loader`'s position is gathered from every rank, so
-        that any world size can take the epoch over. `best`: this is the new best checkpoint."""
+    def save(self, engine: Any, state: RunState, *, best: bool = False) -> Path:
+        """Collective: every rank calls it. Saves the engine and the training state
+        (`TrainState`) at its step. `best`: this is the new best checkpoint."""
+        step = state.step
         train_state = {
-            **train_state,
-            "step": step,
-            "loader": gather_states(loader.state_dict()),
-            "world_size": dist.world_size(),
+            **state.state_dict(),
             "best_checkpoint": step_dir_name(step) if best else self.best,
         }
         path = save(
@@ -351,6 +355,7 @@ class Checkpointer:
             self.config,
             self.keep_last,
             native_saver=engine.save_native,
+            rng=state.rng_state_dict(),
         )
         self.last_saved = step
         if best:
@@ -368,17 +373,6 @@ class Checkpointer:
                 f"complete, and its train_state.json names it best, so resuming marks it again. "
                 "Check free space and permissions under run.dir."
             ) from e
-
-
-def gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every rank's `state` (small, JSON-able), in rank order; a collective."""
-    if dist.world_size() == 1:
-        return [state]
-    import torch.distributed as tdist
-
-    out: list[Any] = [None] * dist.world_size()
-    tdist.all_gather_object(out, state)
-    return out
 
 
 def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -408,18 +402,6 @@ def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
             "a new run.dir."
         ) from e
     return json.loads((path / "train_state.json").read_text())
-
-
-def restore_rng(path: Path, world_size: int) -> bool:
-    """Restore this rank's RNG streams when the world size is the one that saved them (at
-    another world size, ranks keep their fresh seeds). Call it last, right before the loop:
-    setup steps such as starting DataLoader workers draw from the global generator."""
-    train_state = json.loads((path / "train_state.json").read_text())
-    rng_file = path / "rng" / f"rank_{dist.rank()}.pt"
-    if train_state.get("world_size") != world_size or not rng_file.is_file():
-        return False
-    set_rng_state(torch.load(rng_file, weights_only=True))
-    return True
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

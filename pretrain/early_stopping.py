@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pretrain.config import TrainConfig
+
 
 class EarlyStopping:
     def __init__(self, patience: int, min_delta: float) -> None:
@@ -20,6 +22,11 @@ class EarlyStopping:
         self.best: float | None = None  # best validation loss so far
         self.best_step: int | None = None
         self.bad_evals = 0  # evaluations since the best one
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> EarlyStopping:
+        """`train.early_stop_patience` and `train.early_stop_min_delta`."""
+        return cls(cfg.early_stop_patience, cfg.early_stop_min_delta)
 
     @property
     def enabled(self) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pretrain import dist
+from pretrain.config import LoggingConfig
 from pretrain.dist import is_main
 
 
@@ -112,8 +113,10 @@ class Metrics:
         progress: bool,
         init_timeout_s: float = 7.0,
         group: str = "",
+        every: int = 1,
     ) -> None:
         self.main = is_main()
+        self.every, self.total_steps = every, total_steps
         self.run_dir = run_dir
         self.wandb: Any = None
         self.bar: Any = None
@@ -138,6 +141,43 @@ class Metrics:
         if error is not None:
             self.close()
             raise WandbUnavailable(error)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: LoggingConfig,
+        run_dir: Path,
+        config: dict[str, Any],
+        *,
+        run_id: str,
+        run_name: str,
+        start_step: int,
+        total_steps: int,
+    ) -> Metrics:
+        """The training run's sinks, from `logging.*` and the run's identity: its directory,
+        resolved config (W&B's copy), W&B run id and name, and where in its steps it starts."""
+        return cls(
+            run_dir,
+            config,
+            wandb_enabled=cfg.wandb,
+            project=cfg.wandb_project,
+            entity=cfg.wandb_entity,
+            mode=cfg.wandb_mode,
+            run_id=run_id,
+            run_name=run_name,
+            total_steps=total_steps,
+            start_step=start_step,
+            progress=cfg.progress,
+            init_timeout_s=cfg.wandb_init_timeout_s,
+            group=cfg.wandb_group,
+            every=cfg.every,
+        )
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is a logging step: every `logging.every` steps, and the last one. The
+        loop's collectives that need not run every step (the mean loss over ranks, the NaN
+        check, agreeing on a signal) happen at these steps."""
+        return step % self.every == 0 or step == self.total_steps
 
     def _start_wandb(
         self,

@@ -359,7 +359,7 @@ class TokenLoader:
 
     def __init__(
         self,
-        data_dir: str | Path,
+        data: str | Path | Manifest,
         split: str,
         seq_len: int,
         batch_size: int,
@@ -380,7 +380,12 @@ class TokenLoader:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size}).")
         if num_workers < 0 or seed < 0:
             raise ValueError(f"num_workers={num_workers} and seed={seed} must be >= 0.")
-        self._manifest = read_manifest(data_dir, allow_pipe=allow_pipe)
+        # A Manifest already read (the training run reads it once), or the data dir to read.
+        if isinstance(data, Manifest):
+            self._manifest = data
+        else:
+            self._manifest = read_manifest(data, allow_pipe=allow_pipe)
+        data_dir = self._manifest.source
         if expected_tokenizer_sha256 is not None:
             check_tokenizer(self._manifest, expected_tokenizer_sha256)
         shards = self._manifest.shards(split)
@@ -417,6 +422,37 @@ class TokenLoader:
                 f"batch_size, or more data."
             )
         self._position = 0  # local windows yielded
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DataConfig,
+        manifest: Manifest,
+        split: str,
+        seq_len: int,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        expected_tokenizer_sha256: str | None = None,
+    ) -> TokenLoader:
+        """The training run's loader of `split`: `data.*` decides the order (seed, partitions),
+        the readers (num_workers) and the checks; the run supplies the batch geometry and this
+        process's place in the world."""
+        return cls(
+            manifest,
+            split,
+            seq_len,
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_workers=cfg.num_workers,
+            seed=cfg.seed,
+            partitions=cfg.partitions,
+            allow_pipe=cfg.allow_pipe,
+            verify_sha256=cfg.verify_sha256,
+            expected_tokenizer_sha256=expected_tokenizer_sha256,
+        )
 
     # ---- facts
 
@@ -565,6 +601,11 @@ class TokenLoader:
             self._position = stop  # the pass is over: its partial batch is dropped
 
     # ---- state
+
+    def rewind(self) -> None:
+        """Go back to the first window of the stream (epoch 0), e.g. to read the same
+        validation batches at every evaluation."""
+        self._position = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Small, JSON-serialisable; the position right after the last batch this rank yielded."""

@@ -16,9 +16,11 @@ from pretrain.checkpoint import Checkpointer, CheckpointError
 from pretrain.config import CheckpointConfig, to_dict
 from pretrain.data.loader import TokenLoader
 from pretrain.early_stopping import EarlyStopping
-from pretrain.engine import create_engine, reset_accelerate_state
+from pretrain.engine import create_engine
+from pretrain.engine.process_group import reset_accelerate_state
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizer
+from pretrain.training.state import TrainState
 from tests.conftest import REPO
 
 # ---- the decision ------------------------------------------------------------------------------
@@ -86,8 +88,8 @@ def parts(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     engine.setup(
         GPT(GPTConfig(**cfg.model)), lambda m: build_optimizer(m, cfg.optim, engine.device)
     )
-    loader = TokenLoader(tiny_data, "train", 64, 2)
-    yield cfg, engine, loader
+    state = TrainState(TokenLoader(tiny_data, "train", 64, 2), EarlyStopping(0, 0.0))
+    yield cfg, engine, state
     reset_accelerate_state()
 
 
@@ -96,23 +98,30 @@ def checkpointer(run: Path, cfg: Any, keep_last: int, resume: str = "auto") -> C
     return Checkpointer(run, ckpt_cfg, to_dict(cfg), max_steps=1000)
 
 
+def save_at(
+    ck: Checkpointer, step: int, engine: Any, state: TrainState, best: bool = False
+) -> Path:
+    state.step = step
+    return ck.save(engine, state, best=best)
+
+
 def names(run: Path) -> list[str]:
     return [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")]
 
 
 def test_best_survives_pruning_and_every_checkpoint_names_it(parts: Any, tmp_path: Path) -> None:
-    cfg, engine, loader = parts
+    cfg, engine, state = parts
     run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     ck = checkpointer(run, cfg, keep_last=1)
     assert ck.due(7, best=True) and not ck.due(7)
     for step, best in [(10, True), (20, False), (30, False)]:
-        ck.save(step, engine, {}, loader, best=best)
+        save_at(ck, step, engine, state, best=best)
     assert names(run) == ["step_0000010", "step_0000030"]  # keep_last=1, and the best
     assert checkpoint.read_pointer(root, "best") == "step_0000010"
     states = [json.loads((root / n / "train_state.json").read_text()) for n in names(run)]
     assert [s["best_checkpoint"] for s in states] == ["step_0000010"] * 2
-    ck.save(40, engine, {}, loader, best=True)
-    ck.save(50, engine, {}, loader)
+    save_at(ck, 40, engine, state, best=True)
+    save_at(ck, 50, engine, state)
     # The old best went at the first save after it lost the title.
     assert names(run) == ["step_0000040", "step_0000050"]
     assert (
@@ -127,29 +136,29 @@ def test_resume_marks_the_best_again(parts: Any, tmp_path: Path) -> None:
     """A crash between a save and the `best` pointer leaves the pointer one best behind, and
     resuming an older checkpoint moves a newer best aside: either way the resumed checkpoint's
     train state says which one is best, and that one is marked."""
-    cfg, engine, loader = parts
+    cfg, engine, state = parts
     run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     ck = checkpointer(run, cfg, keep_last=3)
-    ck.save(10, engine, {}, loader, best=True)
-    ck.save(20, engine, {}, loader)
-    ck.save(30, engine, {}, loader, best=True)
+    save_at(ck, 10, engine, state, best=True)
+    save_at(ck, 20, engine, state)
+    save_at(ck, 30, engine, state, best=True)
     checkpoint.write_pointer(root, "best", root / "step_0000010")  # as if killed before it moved
     again = checkpointer(run, cfg, keep_last=3)
-    again.restore(again.resume_point(), engine)
+    again.restore(again.resume_point(), engine, state)
     assert checkpoint.read_pointer(root, "best") == "step_0000030" == again.best
 
     older = checkpointer(run, cfg, keep_last=3, resume=str(root / "step_0000020"))
     found = older.resume_point()  # moves step 30, the best, aside: the pointer goes with it
     assert names(run) == ["step_0000010", "step_0000020"]
     assert not (root / "best").exists()
-    older.restore(found, engine)
+    older.restore(found, engine, state)
     assert checkpoint.read_pointer(root, "best") == "step_0000010" == older.best
 
 
 def test_resolve_without_a_best_says_how_best_is_made(parts: Any, tmp_path: Path) -> None:
-    cfg, engine, loader = parts
+    cfg, engine, state = parts
     run = tmp_path / "run"
-    checkpointer(run, cfg, keep_last=2).save(10, engine, {}, loader)
+    save_at(checkpointer(run, cfg, keep_last=2), 10, engine, state)
     for name in (run / "best", run / "checkpoints" / "best"):
         with pytest.raises(CheckpointError, match=r"no best checkpoint.*early_stop_patience"):
             checkpoint.resolve(name)

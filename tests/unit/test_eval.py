@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError
-from pretrain.eval import PretrainLM, parse_args, score_windows, windows
+from pretrain.eval import parse_args
+from pretrain.evaluation.harness import PretrainLM
+from pretrain.evaluation.split import score_windows, windows
 from pretrain.model import GPT, GPTConfig
 from pretrain.pretrained import (
     Pretrained,

@@ -1,0 +1,155 @@
+"""Why a run stops, other than reaching `train.max_steps`, and what it says when it does.
+
+Preemption       SIGTERM / SIGUSR1 set a flag; the ranks agree on it at a logging step,
+                 save, and exit 75 so that a launcher requeues the job
+DivergenceGuard  a NaN/inf loss (or gradient norm) stops the run before it can reach a
+                 checkpoint, so the last good checkpoint survives
+Stops            the early ends after a step, in one order, each with its message and exit
+                 status: preemption, `train.stop_at_step`, early stopping, the sweep's pruner
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.checkpoint import BEST, Checkpointer
+from pretrain.config import TrainConfig
+from pretrain.early_stopping import EarlyStopping
+from pretrain.engine import Engine
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again", which launchers read as "requeue me"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; at the next logging step the loop saves and exits 75.
+    Installed first thing in a run: a signal during a slow start-up must not kill it unsaved."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+
+class DivergenceGuard:
+    """Remembers whether a loss, or a gradient norm where the engine does not expect non-finite
+    ones (fp16's scaler skips such steps by design), was NaN/inf since the run started.
+
+    `check` is a collective, called at logging and checkpoint steps only: a per-step one would
+    stall the GPU queue. It raises before weights that saw a NaN can reach a checkpoint, so the
+    last good checkpoint survives."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.bad = torch.zeros((), dtype=torch.bool, device=engine.device)
+        self.since = 0  # steps since the last check
+
+    def observe(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.bad |= ~torch.isfinite(loss)
+        if not self.engine.skips_overflow_steps:
+            self.bad |= ~torch.isfinite(grad_norm.to(self.bad.device))
+        self.since += 1
+
+    def check(self, step: int, last_good: Path | None) -> None:
+        if self.engine.any_rank(bool(self.bad.item())):
+            raise NonFiniteLoss(
+                f"the loss became NaN/inf between step {step - self.since} and step {step}. "
+                f"Nothing was saved after it; the last good checkpoint is "
+                f"{last_good or 'none'}. Lower optim.lr, raise schedule.warmup_steps, use "
+                "precision=bf16 instead of fp16, or check the data; then resume with "
+                "checkpoint.resume=auto."
+            )
+        self.since = 0
+
+
+@dataclass
+class Stop:
+    """An early end of the loop, decided after a step (the checkpoint it needs is saved
+    before the loop acts on it)."""
+
+    kind: str  # preempted, stop_at_step, early_stop, pruned
+    step: int
+    exit_code: int
+    detail: str = ""
+
+    @property
+    def pruned(self) -> bool:
+        return self.kind == "pruned"
+
+    def message(self, ckpt: Checkpointer) -> str:
+        """What the run says as it stops (after the checkpoint was saved)."""
+        if self.kind == "preempted":
+            return f"preempted ({self.detail}) at step {self.step}: saved, exiting"
+        if self.kind == "stop_at_step":
+            return f"train.stop_at_step={self.step} reached: saved, exiting"
+        if self.kind == "early_stop":
+            return (
+                f"early stop at step {self.step}: {self.detail}. Saved, exiting; the best "
+                f"checkpoint is {ckpt.root / BEST} -> {ckpt.best}"
+            )
+        return f"pruned at step {self.step}: the sweep's pruner stopped this trial; saved"
+
+
+class Stops:
+    """Which early end, if any, applies after a step. One place for their order: a preemption
+    signal first (exit 75 to be requeued, or 0 at the last step, where nothing is left to
+    requeue for), then `train.stop_at_step` (0), then early stopping (0), then the sweep's
+    pruner (0)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        preemption: Preemption,
+        early_stopping: EarlyStopping,
+        *,
+        stop_at_step: int,
+        max_steps: int,
+    ) -> None:
+        self.engine, self.preemption, self.early_stopping = engine, preemption, early_stopping
+        self.stop_at_step, self.max_steps = stop_at_step, max_steps
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: TrainConfig,
+        engine: Engine,
+        preemption: Preemption,
+        early_stopping: EarlyStopping,
+    ) -> Stops:
+        """`train.stop_at_step` and `train.max_steps`; the signals and the validation record
+        come from the run's own `Preemption` and `EarlyStopping`."""
+        return cls(
+            engine,
+            preemption,
+            early_stopping,
+            stop_at_step=cfg.stop_at_step,
+            max_steps=cfg.max_steps,
+        )
+
+    def signalled(self) -> bool:
+        """Collective: whether any rank has received a preemption signal. Asked at logging
+        steps only (the ranks synchronise there anyway)."""
+        return self.engine.any_rank(self.preemption.signum is not None)
+
+    def after(self, step: int, *, preempted: bool, pruned: bool) -> Stop | None:
+        if preempted:
+            code = EXIT_REQUEUE if step < self.max_steps else 0
+            return Stop("preempted", step, code, f"signal {self.preemption.signum}")
+        if 0 < self.stop_at_step <= step:
+            return Stop("stop_at_step", step, 0)
+        if self.early_stopping.should_stop:
+            return Stop("early_stop", step, 0, self.early_stopping.reason)
+        if pruned:
+            return Stop("pruned", step, 0)
+        return None

@@ -1,0 +1,162 @@
+"""`train(cfg)`: one run, top to bottom: setup, build, resume, loop, teardown.
+
+It runs the same under `python`, `torchrun` and `accelerate launch`; the strategy
+(`strategy=...`) is the engine's business, not the loop's. Each component builds itself from
+its own config section and owns its decisions: the loader the data order, the checkpointer the
+cadence and what to resume, the validator when to validate and what follows from it, the
+metrics when to log, `Stops` why the loop ends early and with which exit status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pretrain import dist
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import Config, validate
+from pretrain.data.loader import TokenLoader
+from pretrain.early_stopping import EarlyStopping
+from pretrain.engine import Engine, create_engine
+from pretrain.failpoint import failpoint
+from pretrain.flops import flops_per_token
+from pretrain.metrics import Metrics, plot_loss_curve
+from pretrain.optim import build_optimizer, lr_at
+from pretrain.training.guards import DivergenceGuard, Preemption, Stop, Stops
+from pretrain.training.rundir import RunDir
+from pretrain.training.setup import batch_geometry, model_config, open_data
+from pretrain.training.start import start_point
+from pretrain.training.state import TrainState
+from pretrain.training.throughput import Throughput
+from pretrain.training.validate import Validator
+
+
+@dataclass
+class RunEnd:
+    """How `train` ended: the exit status, and where the run got to."""
+
+    exit_code: int
+    step: int
+    tokens_seen: int
+    pruned: bool = False  # stopped by the sweep's pruner (pretrain.sweep.trial.Pruner)
+
+
+def train(cfg: Config) -> RunEnd:
+    # ---- setup: config, data, process group, run directory -------------------------------
+    preemption = Preemption()  # first: a signal during a slow startup must not kill us unsaved
+    validate(cfg)
+    manifest = open_data(cfg.data)  # read once, handed to every reader of the data
+    # The world size comes from the launcher's environment, so the engine is created knowing
+    # its accumulation.
+    accum, tokens_per_step = batch_geometry(cfg, dist.world_size())
+    engine = create_engine(cfg, accum)
+    dist.watch_peers()  # one rank's failure stops every rank within a second
+    model_cfg = model_config(cfg, manifest)
+    run_dir = RunDir.create(cfg, model_cfg, manifest)
+
+    # ---- build: model (parallelised by the engine), optimizer, data, state ---------------
+    engine.build(model_cfg, lambda m: build_optimizer(m, cfg.optim, engine.device))
+    loader = TokenLoader.from_config(
+        cfg.data, manifest, "train", cfg.train.seq_len, cfg.train.micro_batch,
+        rank=engine.rank, world_size=engine.world_size,
+        expected_tokenizer_sha256=run_dir.tokenizer_sha256,
+    )  # fmt: skip
+    early_stopping = EarlyStopping.from_config(cfg.train)
+    state = TrainState(loader, early_stopping, strategy=engine.name)
+    state.seed(cfg.run.seed)
+    ckpt = Checkpointer.from_config(
+        cfg.checkpoint, run_dir.path, run_dir.resolved, cfg.train.max_steps
+    )
+
+    # ---- resume: this run's newest checkpoint, or another model's weights ------------------
+    origin = start_point(cfg, ckpt, engine, state, model_cfg, manifest, run_dir)
+    metrics = Metrics.from_config(
+        cfg.logging, run_dir.path, run_dir.resolved, run_id=state.run_id,
+        run_name=cfg.run.name, start_step=state.step, total_steps=cfg.train.max_steps,
+    )  # fmt: skip
+    validator = Validator.from_config(cfg, manifest, engine, early_stopping, run_dir.path)
+    stops = Stops.from_config(cfg.train, engine, preemption, early_stopping)
+    metrics.print(banner(cfg, engine, accum, tokens_per_step, run_dir, origin, state))
+    if early_stopping.should_stop:
+        metrics.print(
+            f"nothing to train: this run stopped early at step {state.step}: "
+            f"{early_stopping.reason}. To train on, raise train.early_stop_patience (or set it "
+            "to 0)."
+        )
+
+    # ---- loop ----------------------------------------------------------------------------
+    batches = state.start()  # last before the loop: the saved RNG streams come back here
+    guard = DivergenceGuard(engine)
+    meter = Throughput(engine, tokens_per_step, flops_per_token(model_cfg, cfg.train.seq_len))
+    stop: Stop | None = None
+    while state.step < cfg.train.max_steps and not early_stopping.should_stop:
+        step_loss = torch.zeros((), device=engine.device)
+        for micro in range(accum):
+            x, y = next(batches)  # [micro_batch, seq_len] each
+            x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
+            failpoint("train.micro_step")
+            step_loss += engine.micro_step(x, y, last=micro == accum - 1) / accum
+        lr = lr_at(state.step, cfg.train.max_steps, cfg.optim.lr, cfg.schedule)
+        grad_norm = engine.optimizer_step(lr, cfg.optim.grad_clip)
+        state.advance(tokens_per_step)
+        guard.observe(step_loss, grad_norm)
+        meter.add(step_loss)
+        preempted = False
+        if metrics.due(state.step):
+            preempted = stops.signalled()
+            guard.check(state.step, ckpt.latest())
+            metrics.log(
+                state.step,
+                meter.flush(lr=lr, grad_norm=grad_norm, tokens_seen=state.tokens_seen),
+            )
+        metrics.advance(state.step)
+        with meter.paused():
+            val = validator.run(state.step) if validator.due(state.step) else None
+            if val is not None:
+                metrics.log(state.step, val.values)
+            stop = stops.after(state.step, preempted=preempted, pruned=bool(val and val.pruned))
+            best = bool(val and val.new_best)
+            if ckpt.due(state.step, stop=stop is not None, best=best):
+                guard.check(state.step, ckpt.latest())  # weights that saw a NaN are never saved
+                path = ckpt.save(engine, state, best=best)
+                metrics.print(f"saved checkpoint {path}" + (" (best)" if best else ""))
+        if stop is not None:
+            metrics.print(stop.message(ckpt))
+            break
+
+    # ---- teardown ------------------------------------------------------------------------
+    dist.stop_watching()  # ranks that finish first must not look like failures to the rest
+    metrics.close()
+    pruned = stop is not None and stop.pruned
+    finished = state.step == cfg.train.max_steps or early_stopping.should_stop or pruned
+    if cfg.logging.plot and dist.is_main() and finished:
+        try:
+            plot_loss_curve(run_dir.path)
+        except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
+            metrics.print(f"warning: no loss curve ({type(e).__name__}: {e})")
+    dist.barrier()
+    return RunEnd(stop.exit_code if stop else 0, state.step, state.tokens_seen, pruned)
+
+
+def banner(
+    cfg: Config,
+    engine: Engine,
+    accum: int,
+    tokens_per_step: int,
+    run_dir: RunDir,
+    origin: str,
+    state: TrainState,
+) -> str:
+    """The run's first line: model size, strategy, precision, batch, where it starts."""
+    return (
+        f"pretrain: {engine.num_params / 1e6:.2f}M params | strategy {engine.name} x"
+        f"{engine.world_size} ({engine.why}) on {engine.device.type} | {cfg.precision.dtype} | "
+        f"batch {tokens_per_step} tokens (micro {cfg.train.micro_batch} x seq "
+        f"{cfg.train.seq_len} x accum {accum}) | run dir {run_dir.path}{origin}"
+        + (
+            f" | {state.masked_weights:,} pruned weights kept at zero"
+            if state.masked_weights
+            else ""
+        )
+    )

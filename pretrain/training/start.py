@@ -1,0 +1,52 @@
+"""Where a run's weights come from: its own newest checkpoint (a resume: everything continues),
+or another model's weights (`train.init_from`: weights only, step 0, a fresh optimizer and
+schedule, a W&B run of its own), or the seeded initial values the engine already gave it."""
+
+from __future__ import annotations
+
+from pretrain import checkpoint
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import Config
+from pretrain.data.format import Manifest
+from pretrain.engine import Engine
+from pretrain.model import GPTConfig
+from pretrain.pretrained import load_for_init
+from pretrain.pruning import keep_zeros
+from pretrain.training.rundir import RunDir
+from pretrain.training.state import TrainState
+
+
+def start_point(
+    cfg: Config,
+    ckpt: Checkpointer,
+    engine: Engine,
+    state: TrainState,
+    model_cfg: GPTConfig,
+    manifest: Manifest,
+    run_dir: RunDir,
+) -> str:
+    """Collective. Loads what the run starts from into `engine` and `state`; returns how it
+    started, for the run's first line ("" for fresh initial values).
+
+    Pruned weights (exact zeros in the block matmuls of an unstructured-pruned source) stay
+    zero while training when `train.keep_sparsity` is on: the masks are taken from the source's
+    weights, and again from the checkpoint's on every resume (a checkpoint records how many)."""
+    path = ckpt.resume_point()
+    if path is not None:
+        ckpt.restore(path, engine, state)
+        if state.masked_weights and cfg.train.keep_sparsity:
+            weights = checkpoint.load_model_weights(path)
+            state.masked_weights = keep_zeros(engine.unwrapped(), weights)
+        else:
+            state.masked_weights = 0
+        return f" | resumed from {path} (step {state.step})"
+    if not cfg.train.init_from:
+        return ""
+    source, weights = load_for_init(
+        cfg.train.init_from, model_cfg, manifest, allow_pipe=cfg.data.allow_pipe
+    )
+    engine.load_model_weights(weights)
+    if cfg.train.keep_sparsity:
+        state.masked_weights = keep_zeros(engine.unwrapped(), weights)
+    run_dir.record_init_from(source.path)
+    return f" | weights from {run_dir.resolved['train']['init_from']}"
