@@ -9,7 +9,7 @@ Everything but the order of the windows is the same in every run: the demo exper
 schedule with 50 warm-up steps, micro-batch 16 x seq 128 x accumulation 2 (4096 tokens a step),
 the same initial weights, the same train and val documents (one prepare, with this code).
 
-    ours       TokenLoader as `pretrain.train` builds it (data.partitions 1024, 1 worker).
+    ours       TokenLoader as a training run builds it (data.partitions 1024, 1 worker).
     previous   the order before this change, emulated exactly: prepare filled shards in input
                order (documents whole, closed before 2^19 tokens), and the loader's one reader
                went through the shards in a seeded order, each shard's documents and windows
@@ -52,6 +52,7 @@ from pretrain.config import OptimConfig, ScheduleConfig
 from pretrain.data import TokenLoader, read_manifest
 from pretrain.data.loader import doc_order, shard_order, window_order
 from pretrain.data.sources import stdlib_files
+from pretrain.evaluation.loss import mean_loss
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizer, lr_at
 from pretrain.prepare import PrepareConfig, TokenizerConfig, run_prepare
@@ -235,9 +236,9 @@ class Run:
         """Mean loss over every window of the whole val split (equal-size batches)."""
         self.model.eval()
         loader = TokenLoader(data, "val", SEQ, MICRO, seed=DATA_SEED, loop=False, partitions=None)
-        losses = [float(self.model(x, y)[1]) for x, y in loader]
+        loss = mean_loss(lambda x, y: self.model(x, y)[1], loader, torch.device("cpu"))
         self.model.train()
-        return sum(losses) / len(losses)
+        return float(loss)
 
 
 def train(vocab: int, steps: int, batches: Callable[[], Batches]) -> Run:

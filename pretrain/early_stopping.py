@@ -11,9 +11,10 @@ it is resumed with the same settings (`checkpoint.resume=auto` does not train on
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pretrain.config import TrainConfig
+if TYPE_CHECKING:
+    from pretrain.config import TrainConfig
 
 
 class EarlyStopping:

@@ -17,13 +17,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pretrain import dist
-from pretrain.config import LoggingConfig
 from pretrain.dist import is_main
+
+if TYPE_CHECKING:
+    from pretrain.config import LoggingConfig
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -114,9 +116,10 @@ class Metrics:
         init_timeout_s: float = 7.0,
         group: str = "",
         every: int = 1,
+        plot: bool = False,
     ) -> None:
         self.main = is_main()
-        self.every, self.total_steps = every, total_steps
+        self.every, self.total_steps, self.plot = every, total_steps, plot
         self.run_dir = run_dir
         self.wandb: Any = None
         self.bar: Any = None
@@ -171,6 +174,7 @@ class Metrics:
             init_timeout_s=cfg.wandb_init_timeout_s,
             group=cfg.wandb_group,
             every=cfg.every,
+            plot=cfg.plot,
         )
 
     def due(self, step: int) -> bool:
@@ -297,6 +301,16 @@ class Metrics:
         if self.bar is not None:
             self.bar.n = step
             self.bar.refresh()
+
+    def finish(self, completed: bool) -> None:
+        """The run's end: close the sinks, then (rank 0, `logging.plot`) draw the loss curve of
+        a run that completed; one that stops to be requeued draws it when it completes."""
+        self.close()
+        if self.plot and self.main and completed:
+            try:
+                plot_loss_curve(self.run_dir)
+            except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
+                self.print(f"warning: no loss curve ({type(e).__name__}: {e})")
 
     def close(self) -> None:
         if self.wandb is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -139,3 +140,22 @@ def lr_at(step: int, max_steps: int, peak: float, cfg: ScheduleConfig) -> float:
         progress = min(1.0, (step - decay_start) / decay_steps)
         return peak - progress * (peak - min_lr)
     raise ValueError(f"unknown schedule.name={cfg.name!r}: use cosine, wsd or constant")
+
+
+@dataclass
+class Schedule:
+    """What an optimizer step needs besides gradients: the learning rate at each step
+    (`schedule.*` over `optim.lr` and the run's length) and the gradient-norm clip."""
+
+    peak_lr: float
+    max_steps: int
+    cfg: ScheduleConfig
+    grad_clip: float  # 0 = off
+
+    @classmethod
+    def from_config(cls, optim: OptimConfig, cfg: ScheduleConfig, max_steps: int) -> Schedule:
+        return cls(optim.lr, max_steps, cfg, optim.grad_clip)
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based)."""
+        return lr_at(step, self.max_steps, self.peak_lr, self.cfg)

@@ -60,7 +60,7 @@ import signal
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -440,19 +440,11 @@ class TokenLoader:
         the readers (num_workers) and the checks; the run supplies the batch geometry and this
         process's place in the world."""
         return cls(
-            manifest,
-            split,
-            seq_len,
-            batch_size,
-            rank=rank,
-            world_size=world_size,
-            num_workers=cfg.num_workers,
-            seed=cfg.seed,
-            partitions=cfg.partitions,
-            allow_pipe=cfg.allow_pipe,
-            verify_sha256=cfg.verify_sha256,
+            manifest, split, seq_len, batch_size, rank=rank, world_size=world_size,
+            num_workers=cfg.num_workers, seed=cfg.seed, partitions=cfg.partitions,
+            allow_pipe=cfg.allow_pipe, verify_sha256=cfg.verify_sha256,
             expected_tokenizer_sha256=expected_tokenizer_sha256,
-        )
+        )  # fmt: skip
 
     # ---- facts
 
@@ -507,7 +499,7 @@ class TokenLoader:
         e = q * self.world_size // self._spec.per_epoch
         return (e + 1) * self._spec.per_epoch // self.world_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """Yields (x, y), both int64 [batch_size, seq_len], y = x shifted by one token (windows
         of seq_len + 1 tokens; y = -1 where the loss must ignore the target). loop=True: epochs
         forever (each reshuffled); loop=False: from the current position to the end of its
@@ -597,6 +589,8 @@ class TokenLoader:
             shutdown = getattr(source, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            if self.num_workers == 0:
+                reader.held.clear()  # a pass cut short (validation's) keeps no shard loaded
         if stop is not None:
             self._position = stop  # the pass is over: its partial batch is dropped
 

@@ -16,7 +16,9 @@ so once; `strategy.fallback=error` refuses instead.
 
 The package's modules, one concern each:
 
-    base.py             the `Engine` interface, with the default torch paths
+    base.py             the `Engine` interface and the one order in which a model is built
+    torch_engine.py     the default torch paths (single, ddp, fsdp*): weights, the step with
+                        a GradScaler, the state dict, evaluation, memory
     strategies.py       facts about the strategies (their code: ddp.py, zero.py, fsdp.py):
                         ZeRO stages, FSDP modes, fallbacks, DeepSpeed's bucket size
     launcher.py         the strategy a launcher (accelerate launch, torchrun) asks for

@@ -15,10 +15,9 @@ i.e. exactly what `torch.distributed.checkpoint.state_dict.get_model_state_dict`
 `get_optimizer_state_dict` produce for the plain model and a torch optimizer.
 
 `Engine.build` applies parallelism in one order for every strategy (create, activation
-checkpointing, compile, `setup`, `init_weights`); the default torch paths here (weights
-loading, the optimizer step with a GradScaler, the state dict) serve single, ddp and fsdp*, and
-ZeroEngine overrides them. The Accelerator an engine holds is made by
-`pretrain.engine.process_group.make_accelerator`.
+checkpointing, compile, `setup`, `init_weights`); everything else is the strategy's
+(`torch_engine.TorchEngine` for single, ddp and fsdp*; `zero.ZeroEngine`). The Accelerator an
+engine holds is made by `pretrain.engine.process_group.make_accelerator`.
 """
 
 from __future__ import annotations
@@ -31,18 +30,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor
 
 from pretrain.config import Config
 from pretrain.engine.hostmem import release_host_memory, set_mmap_threshold
-from pretrain.engine.measure import storage_bytes
-from pretrain.engine.precision import DTYPES, autocast, load_scaler_state, scaler_state_of
+from pretrain.engine.precision import DTYPES, autocast
 from pretrain.model import GPT, GPTConfig
 
 if TYPE_CHECKING:
@@ -191,21 +182,10 @@ class Engine(ABC):
         """Names of the model's parameters, a tied matrix once (named_parameters() order)."""
         return [name for name, _ in self.skeleton.named_parameters()]
 
-    @torch.no_grad()
+    @abstractmethod
     def _load_full(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy full tensors, one (name, value) at a time, into this rank's part of each
-        parameter. The default: parameters are whole (single, ddp) or DTensors (FSDP)."""
-        params = dict(self.raw_model.named_parameters())
-        for name, full in items:
-            p = params[name]
-            if isinstance(p, DTensor):
-                # This rank's shard of `full`: the box DCP would save it as (no communication,
-                # every rank has `full`).
-                (chunk,) = p.__create_chunk_list__()
-                box = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))
-                p.to_local().copy_(full[box])
-            else:
-                p.copy_(full)
+        parameter (every rank passes the same values)."""
 
     @abstractmethod
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
@@ -213,63 +193,33 @@ class Engine(ABC):
         `optimizer_step`. `last` marks the final micro-batch of a step (sync gradients now).
         Returns the micro-batch's mean loss, detached, unscaled."""
 
+    @abstractmethod
     def optimizer_step(self, lr: float, max_norm: float) -> torch.Tensor:
         """Set the learning rate, clip (max_norm > 0), step and zero the gradients.
-        Returns the global gradient norm before clipping (a 0-dim tensor).
+        Returns the global gradient norm before clipping (a 0-dim tensor)."""
 
-        This is the torch path (single, ddp, fsdp*) with the engine's `self.scaler`; DeepSpeed
-        steps its own way."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.unscale_(self.optimizer)
-        # With DTensor (FSDP) gradients this is the norm of the full gradient (a collective).
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), max_norm if max_norm > 0 else float("inf")
-        )
-        full = getattr(norm, "full_tensor", None)
-        norm = full() if callable(full) else norm
-        # With fp16, step() is skipped when gradients overflowed; update() adapts the scale.
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
+    @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """{"model": ..., "optim": ...} keyed by parameter names (DCP-ready; may hold DTensors).
+        """{"model": ..., "optim": ..., ["scaler": ...]} keyed by parameter names, in the form
+        of the module docstring (DCP-ready: this rank's shards, as DTensors or sharded
+        tensors where the strategy shards)."""
 
-        torch's state-dict API covers plain, DDP and FSDP2 modules alike: names come without
-        wrapper prefixes, and DTensor shards are written once and resharded by DCP on load."""
-        state: dict[str, Any] = {
-            "model": self.model_state_dict(),
-            "optim": get_optimizer_state_dict(self.model, self.optimizer),
-        }
-        if getattr(self, "scaler", None) is not None and self.scaler.is_enabled():
-            state["scaler"] = scaler_state_of(self.scaler)
-        return state
-
+    @abstractmethod
     def model_state_dict(self) -> dict[str, Any]:
         """The "model" part of `state_dict()` alone: this rank's part of the fp32 weights, by
         parameter name (no optimizer state is created for it)."""
-        return get_model_state_dict(self.model)
 
+    @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict`; `state` has the structure `state_dict()` returned."""
-        set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
-        scaler = getattr(self, "scaler", None)
-        if "scaler" in state and scaler is not None and scaler.is_enabled():
-            load_scaler_state(scaler, state["scaler"])
 
     def save_native(self, path: str) -> None:  # noqa: B027 - optional hook
         """Also save the backend's own checkpoint format (DeepSpeed writes one)."""
 
-    @torch.no_grad()
+    @abstractmethod
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
-        with self.autocast():
-            _, loss = self.model(x, y)
-        self.model.train()
-        return loss.detach().float()
+        """The mean loss of x, y [B, T] (targets -1 ignored) in eval mode, without gradients,
+        in the run's precision: detached, fp32, 0-dim."""
 
     def unwrapped(self) -> nn.Module:
         return self.raw_model
@@ -278,20 +228,10 @@ class Engine(ABC):
         return self.model.parameters()
 
     # -- introspection (tests, benchmarks) -------------------------------------------------
+    @abstractmethod
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes this rank holds right now, measured from the live tensors (not formulas):
         params (the model's parameters, local shards only), grads, optim (optimizer state
         such as exp_avg/exp_avg_sq), master and master_grads (separate fp32 master weights and
         their gradients, if the strategy keeps any: DeepSpeed does).
         Call it between the last micro_step and optimizer_step to see gradients."""
-        params = list(self.raw_model.parameters())
-        states = [
-            v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-        ]
-        return {
-            "params": storage_bytes(params),
-            "grads": storage_bytes(p.grad for p in params),
-            "optim": storage_bytes(v for v in states if v.dim() > 0),
-            "master": 0,
-            "master_grads": 0,
-        }

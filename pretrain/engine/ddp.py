@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from pretrain.config import ConfigError
-from pretrain.engine.base import Engine, OptimizerFactory
+from pretrain.engine.base import OptimizerFactory
+from pretrain.engine.torch_engine import TorchEngine
 
 
-class DDPEngine(Engine):
+class DDPEngine(TorchEngine):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.adopt(model)
         if self.world_size > 1 and self.name == "single":

@@ -42,8 +42,9 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from pretrain.config import ConfigError
-from pretrain.engine.base import Engine, OptimizerFactory
+from pretrain.engine.base import OptimizerFactory
 from pretrain.engine.process_group import ensure_process_group
+from pretrain.engine.torch_engine import TorchEngine
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -69,7 +70,7 @@ def hsdp_shape(world_size: int, replicas: int, local_world_size: int) -> tuple[i
     return replicas, world_size // replicas
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(TorchEngine):
     def __init__(
         self,
         cfg: Any,

@@ -1,17 +1,20 @@
-"""The one evaluation routine: the summed negative log-likelihood of batches of (x, y).
+"""The one evaluation routine: a model's loss over batches of (x, y), y = -1 ignored.
 
 Whoever runs the model decides how a forward is done: in-loop validation goes through the
 training engine (sharded or not, in the run's precision: `Engine.eval_loss`); `pretrain.eval`
 through a plain model under autocast (`model_loss`). Either gives one callable, x and y
-[B, T] -> the batch's mean loss over its targets y != -1, and `total_nll` sums it over batches,
-weighting each batch by its targets, so that the result is the loss per predicted token
-whatever the batching and however many targets a batch ignores (fine-tuning data masks its
-prompts, `pretrain.eval` pads its windows).
+[B, T] -> the batch's mean loss over its targets y != -1 (`LossFn`), and `batch_losses` runs it
+over the batches. Two summaries of those batch losses:
+
+    mean_loss   the mean of the batches' mean losses: in-loop validation, whose batches are
+                training windows of one size (each batch weighs the same, as the training loss)
+    total_nll   the summed NLL and the number of targets: `pretrain.eval`, whose padded windows
+                hold different numbers of targets (the loss per predicted token)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,22 +24,39 @@ from pretrain.engine.precision import autocast
 
 # (x, y) -> the mean loss over the targets y != -1: x, y [B, T] int64 on the model's device.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
-def total_nll(
-    loss_fn: LossFn, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed NLL in nats, number of targets scored) over `batches`, both 0-dim float64 tensors
-    on `device` (no host sync per batch). A batch without targets is skipped."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
+def batch_losses(
+    loss_fn: LossFn, batches: Batches, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(mean loss, number of targets) of each batch, as 0-dim tensors on `device` (no host
+    sync per batch)."""
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        n = (y != -1).sum().double()  # the targets the mean was taken over
-        loss = loss_fn(x, y).double()
-        # A batch whose targets are all ignored has a mean of 0/0: it adds nothing.
-        total += torch.where(n > 0, loss * n, torch.zeros_like(loss))
+        yield loss_fn(x, y).float(), (y != -1).sum()
+
+
+def mean_loss(loss_fn: LossFn, batches: Batches, device: torch.device) -> torch.Tensor:
+    """The mean of the batches' mean losses (fp32, 0-dim; 0 without batches)."""
+    total, n = torch.zeros((), device=device), 0
+    for loss, _ in batch_losses(loss_fn, batches, device):
+        total += loss
+        n += 1
+    return total / max(n, 1)
+
+
+def total_nll(
+    loss_fn: LossFn, batches: Batches, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL in nats, number of targets scored) over `batches`, both 0-dim float64. A
+    batch whose targets are all ignored (a mean of 0/0) adds nothing."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for loss, n in batch_losses(loss_fn, batches, device):
+        n = n.double()
+        total += torch.where(n > 0, loss.double() * n, torch.zeros_like(n))
         count += n
     return total, count
 

@@ -1,6 +1,6 @@
 """The training app's side of a sweep: what a trial sets up, reports, and leaves behind.
 
-A trial is an ordinary run (`pretrain.train.train`), with four differences:
+A trial is an ordinary run (`pretrain.training.loop.train`), with four differences:
 
 - its run directory is its own, under the sweep directory (`prepare`), and it only ever
   resumes as the same trial: `trial.yaml` records the overrides it was started with, and a run

@@ -19,8 +19,8 @@ import torch
 
 from pretrain.checkpoint import BEST, Checkpointer
 from pretrain.config import TrainConfig
-from pretrain.early_stopping import EarlyStopping
 from pretrain.engine import Engine
+from pretrain.training.validate import Validator
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again", which launchers read as "requeue me"
 
@@ -104,35 +104,31 @@ class Stop:
 class Stops:
     """Which early end, if any, applies after a step. One place for their order: a preemption
     signal first (exit 75 to be requeued, or 0 at the last step, where nothing is left to
-    requeue for), then `train.stop_at_step` (0), then early stopping (0), then the sweep's
-    pruner (0)."""
+    requeue for), then `train.stop_at_step` (0), then early stopping (0, the validator's
+    verdict), then the sweep's pruner (0)."""
 
     def __init__(
         self,
         engine: Engine,
         preemption: Preemption,
-        early_stopping: EarlyStopping,
+        validator: Validator,
         *,
         stop_at_step: int,
         max_steps: int,
     ) -> None:
-        self.engine, self.preemption, self.early_stopping = engine, preemption, early_stopping
+        self.engine, self.preemption, self.validator = engine, preemption, validator
         self.stop_at_step, self.max_steps = stop_at_step, max_steps
 
     @classmethod
     def from_config(
-        cls,
-        cfg: TrainConfig,
-        engine: Engine,
-        preemption: Preemption,
-        early_stopping: EarlyStopping,
+        cls, cfg: TrainConfig, engine: Engine, preemption: Preemption, validator: Validator
     ) -> Stops:
-        """`train.stop_at_step` and `train.max_steps`; the signals and the validation record
-        come from the run's own `Preemption` and `EarlyStopping`."""
+        """`train.stop_at_step` and `train.max_steps`; the signals and early stopping's verdict
+        come from the run's own `Preemption` and `Validator`."""
         return cls(
             engine,
             preemption,
-            early_stopping,
+            validator,
             stop_at_step=cfg.stop_at_step,
             max_steps=cfg.max_steps,
         )
@@ -148,8 +144,8 @@ class Stops:
             return Stop("preempted", step, code, f"signal {self.preemption.signum}")
         if 0 < self.stop_at_step <= step:
             return Stop("stop_at_step", step, 0)
-        if self.early_stopping.should_stop:
-            return Stop("early_stop", step, 0, self.early_stopping.reason)
+        if self.validator.stopped_early:
+            return Stop("early_stop", step, 0, self.validator.why_stopped)
         if pruned:
             return Stop("pruned", step, 0)
         return None

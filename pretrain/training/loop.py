@@ -21,8 +21,8 @@ from pretrain.early_stopping import EarlyStopping
 from pretrain.engine import Engine, create_engine
 from pretrain.failpoint import failpoint
 from pretrain.flops import flops_per_token
-from pretrain.metrics import Metrics, plot_loss_curve
-from pretrain.optim import build_optimizer, lr_at
+from pretrain.metrics import Metrics
+from pretrain.optim import Schedule, build_optimizer
 from pretrain.training.guards import DivergenceGuard, Preemption, Stop, Stops
 from pretrain.training.rundir import RunDir
 from pretrain.training.setup import batch_geometry, model_config, open_data
@@ -76,29 +76,30 @@ def train(cfg: Config) -> RunEnd:
         run_name=cfg.run.name, start_step=state.step, total_steps=cfg.train.max_steps,
     )  # fmt: skip
     validator = Validator.from_config(cfg, manifest, engine, early_stopping, run_dir.path)
-    stops = Stops.from_config(cfg.train, engine, preemption, early_stopping)
-    metrics.print(banner(cfg, engine, accum, tokens_per_step, run_dir, origin, state))
-    if early_stopping.should_stop:
+    stops = Stops.from_config(cfg.train, engine, preemption, validator)
+    metrics.print(banner(engine, loader, accum, tokens_per_step, run_dir, origin, state))
+    if validator.stopped_early:
         metrics.print(
             f"nothing to train: this run stopped early at step {state.step}: "
-            f"{early_stopping.reason}. To train on, raise train.early_stop_patience (or set it "
+            f"{validator.why_stopped}. To train on, raise train.early_stop_patience (or set it "
             "to 0)."
         )
 
     # ---- loop ----------------------------------------------------------------------------
     batches = state.start()  # last before the loop: the saved RNG streams come back here
+    schedule = Schedule.from_config(cfg.optim, cfg.schedule, cfg.train.max_steps)
     guard = DivergenceGuard(engine)
     meter = Throughput(engine, tokens_per_step, flops_per_token(model_cfg, cfg.train.seq_len))
     stop: Stop | None = None
-    while state.step < cfg.train.max_steps and not early_stopping.should_stop:
+    while state.step < cfg.train.max_steps and not validator.stopped_early:
         step_loss = torch.zeros((), device=engine.device)
         for micro in range(accum):
             x, y = next(batches)  # [micro_batch, seq_len] each
             x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
             failpoint("train.micro_step")
             step_loss += engine.micro_step(x, y, last=micro == accum - 1) / accum
-        lr = lr_at(state.step, cfg.train.max_steps, cfg.optim.lr, cfg.schedule)
-        grad_norm = engine.optimizer_step(lr, cfg.optim.grad_clip)
+        lr = schedule.lr(state.step)
+        grad_norm = engine.optimizer_step(lr, schedule.grad_clip)
         state.advance(tokens_per_step)
         guard.observe(step_loss, grad_norm)
         meter.add(step_loss)
@@ -112,9 +113,7 @@ def train(cfg: Config) -> RunEnd:
             )
         metrics.advance(state.step)
         with meter.paused():
-            val = validator.run(state.step) if validator.due(state.step) else None
-            if val is not None:
-                metrics.log(state.step, val.values)
+            val = validator.run(state.step, metrics.log) if validator.due(state.step) else None
             stop = stops.after(state.step, preempted=preempted, pruned=bool(val and val.pruned))
             best = bool(val and val.new_best)
             if ckpt.due(state.step, stop=stop is not None, best=best):
@@ -127,21 +126,15 @@ def train(cfg: Config) -> RunEnd:
 
     # ---- teardown ------------------------------------------------------------------------
     dist.stop_watching()  # ranks that finish first must not look like failures to the rest
-    metrics.close()
     pruned = stop is not None and stop.pruned
-    finished = state.step == cfg.train.max_steps or early_stopping.should_stop or pruned
-    if cfg.logging.plot and dist.is_main() and finished:
-        try:
-            plot_loss_curve(run_dir.path)
-        except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
-            metrics.print(f"warning: no loss curve ({type(e).__name__}: {e})")
+    metrics.finish(state.step == cfg.train.max_steps or validator.stopped_early or pruned)
     dist.barrier()
     return RunEnd(stop.exit_code if stop else 0, state.step, state.tokens_seen, pruned)
 
 
 def banner(
-    cfg: Config,
     engine: Engine,
+    loader: TokenLoader,
     accum: int,
     tokens_per_step: int,
     run_dir: RunDir,
@@ -151,9 +144,10 @@ def banner(
     """The run's first line: model size, strategy, precision, batch, where it starts."""
     return (
         f"pretrain: {engine.num_params / 1e6:.2f}M params | strategy {engine.name} x"
-        f"{engine.world_size} ({engine.why}) on {engine.device.type} | {cfg.precision.dtype} | "
-        f"batch {tokens_per_step} tokens (micro {cfg.train.micro_batch} x seq "
-        f"{cfg.train.seq_len} x accum {accum}) | run dir {run_dir.path}{origin}"
+        f"{engine.world_size} ({engine.why}) on {engine.device.type} | "
+        f"{engine.cfg.precision.dtype} | batch {tokens_per_step} tokens (micro "
+        f"{loader.batch_size} x seq {loader.seq_len} x accum {accum}) | run dir "
+        f"{run_dir.path}{origin}"
         + (
             f" | {state.masked_weights:,} pruned weights kept at zero"
             if state.masked_weights

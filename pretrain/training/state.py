@@ -77,8 +77,10 @@ class TrainState:
 
     def start(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The training batches from the loader's position. The saved RNG streams are restored
-        only now, after the iterator exists: starting DataLoader workers draws from the global
-        generator, which the uninterrupted run did once, before its first step."""
+        only now, the last thing before the first step, so that nothing done while setting up
+        (building, loading, W&B) draws from them: the next step then draws exactly what the
+        uninterrupted run drew at this step. (DataLoader workers have generators of their
+        own.)"""
         batches = iter(self.loader)
         if self._rng is not None:
             set_rng_state(self._rng)

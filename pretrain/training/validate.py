@@ -1,10 +1,10 @@
-"""In-loop validation: the val loader (built once), when validation is due, and the decisions
-taken on its result.
+"""In-loop validation: the val loader (built once, when first needed), when validation is due,
+and the decisions taken on its result: early stopping and the sweep's pruner.
 
 Every rank evaluates the same val batches, the first `train.eval_batches` micro-batches of the
 val split's stream (read again from its start at every validation, so that evaluations
 compare): sharded strategies need every rank in every forward, and the val split is small. The
-loss is the mean NLL per target token (`pretrain.evaluation.loss.total_nll`, the routine
+loss is the mean of those batches' mean losses (`pretrain.evaluation.loss`, the routine
 `pretrain.eval` uses too), so it is already global; averaging it over ranks once more makes it
 the same number on every rank, bit for bit, which the decisions taken on it (early stopping,
 best checkpoints, the sweep's pruner) rely on.
@@ -12,23 +12,26 @@ best checkpoints, the sweep's pruner) rely on.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pretrain.config import Config
 from pretrain.data.format import Manifest
 from pretrain.data.loader import TokenLoader
 from pretrain.early_stopping import EarlyStopping
 from pretrain.engine import Engine
-from pretrain.evaluation.loss import total_nll
+from pretrain.evaluation.loss import mean_loss
 from pretrain.sweep.trial import Pruner
 
 
 @dataclass
 class Validation:
-    """One validation's result: the values to log and what was decided on them."""
+    """One validation's result: the values logged and what was decided on them."""
 
     values: dict[str, float]  # val_loss, val_ppl
     new_best: bool  # early stopping's new best: a checkpoint is due, marked `best`
@@ -36,13 +39,14 @@ class Validation:
 
 
 class Validator:
-    """Owns validation during training: `due(step)` says when, `run(step)` evaluates and
-    feeds the result to early stopping and to the sweep's pruner."""
+    """Owns validation during training: `due(step)` says when, `run(step)` evaluates, logs, and
+    feeds the result to early stopping (`stopped_early`, the signal the loop ends on) and to
+    the sweep's pruner."""
 
     def __init__(
         self,
         engine: Engine,
-        loader: TokenLoader | None,
+        make_loader: Callable[[], TokenLoader] | None,
         *,
         every: int,
         batches: int,
@@ -50,7 +54,8 @@ class Validator:
         early_stopping: EarlyStopping,
         pruner: Pruner,
     ) -> None:
-        self.engine, self.loader = engine, loader
+        self.engine, self.make_loader = engine, make_loader
+        self.loader: TokenLoader | None = None
         self.every, self.batches, self.max_steps = every, batches, max_steps
         self.early_stopping, self.pruner = early_stopping, pruner
 
@@ -63,11 +68,13 @@ class Validator:
         early_stopping: EarlyStopping,
         run_dir: Path,
     ) -> Validator:
-        """`train.eval_every` and `train.eval_batches` decide when and how much; the val
-        loader is built here, once. A trial of an Optuna sweep reports to its study."""
-        loader = None
-        if cfg.train.eval_batches > 0:
-            loader = TokenLoader(
+        """`train.eval_every` and `train.eval_batches` decide when and how much. The val loader
+        is built at the first validation (a run that never validates, or resumes at its end,
+        never reads the val split), then kept. A trial of an Optuna sweep reports to its
+        study."""
+
+        def make_loader() -> TokenLoader:
+            return TokenLoader(
                 manifest,
                 "val",
                 cfg.train.seq_len,
@@ -78,9 +85,10 @@ class Validator:
                 partitions=None,
                 allow_pipe=cfg.data.allow_pipe,
             )
+
         return cls(
             engine,
-            loader,
+            make_loader if cfg.train.eval_batches > 0 else None,
             every=cfg.train.eval_every,
             batches=cfg.train.eval_batches,
             max_steps=cfg.train.max_steps,
@@ -90,19 +98,34 @@ class Validator:
 
     def due(self, step: int) -> bool:
         """Every `train.eval_every` steps (0 = never in between) and at the last step."""
-        return self.loader is not None and (
+        return self.make_loader is not None and (
             (self.every > 0 and step % self.every == 0) or step == self.max_steps
         )
 
-    def run(self, step: int) -> Validation:
-        """Collective: validation loss and perplexity at `step`, and the decisions on them."""
-        assert self.loader is not None, "validation is off (train.eval_batches=0)"
-        self.loader.rewind()
-        batches = itertools.islice(self.loader, self.batches)
-        nll, count = total_nll(self.engine.eval_loss, batches, self.engine.device)
-        mean = (nll / count.clamp(min=1)).float()
+    @property
+    def stopped_early(self) -> bool:
+        """Early stopping's verdict: patience ran out (in this job or an earlier one)."""
+        return self.early_stopping.should_stop
+
+    @property
+    def why_stopped(self) -> str:
+        return self.early_stopping.reason
+
+    def run(self, step: int, log: Callable[[int, dict[str, Any]], None]) -> Validation:
+        """Collective: validation loss and perplexity at `step`, logged with `log` before
+        anything is decided on them (a sweep's study that fails to answer loses no record)."""
+        assert self.make_loader is not None, "validation is off (train.eval_batches=0)"
+        if self.loader is None:
+            self.loader = self.make_loader()
+        loader = self.loader
+        loader.rewind()
+        # Closed at once: a pass cut short releases the shards it loaded.
+        with contextlib.closing(iter(loader)) as stream:
+            batches = itertools.islice(stream, self.batches)
+            mean = mean_loss(self.engine.eval_loss, batches, self.engine.device)
         val = float(self.engine.all_reduce_mean(mean).item())
         values = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        log(step, values)
         new_best = self.early_stopping.observe(step, val)
         pruned = self.engine.any_rank(self.pruner.report(step, values))
         return Validation(values, new_best, pruned)

@@ -6,7 +6,8 @@ record.
 - `data/`: a prepared data dir (24 stdlib files, a 400-piece tokenizer);
 - `run/`: a run stopped with `train.stop_at_step=4` of 8 (a 1-layer, 32-wide GPT with dropout
   0.1, lr 1e-2: the command is `FIXTURE_ARGS` below), holding `checkpoints/step_0000004`;
-- `continued_metrics.jsonl`: steps 5-8 as that version logged them when it resumed the run.
+- `continued_metrics.jsonl`: steps 5-8 and the validation at step 8 as that version logged
+  them when it resumed the run.
 
 The losses are compared with a tolerance, not bitwise: the first 4 steps ran on another CPU,
 whose fp32 kernels round differently in the last bits. A resume that lost any part of the
@@ -70,7 +71,8 @@ def test_checkpoint_of_an_earlier_version_resumes(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert "resumed from" in proc.stdout and "(step 4)" in proc.stdout
 
-    expected = [json.loads(line) for line in (FIXTURE / "continued_metrics.jsonl").open()]
+    records = [json.loads(line) for line in (FIXTURE / "continued_metrics.jsonl").open()]
+    expected = [r for r in records if "loss" in r]
     got = {r["step"]: r for r in read_metrics(run) if "loss" in r}
     assert sorted(got) == list(range(1, 9))  # steps 1-4 from the fixture, 5-8 from this run
     for want in expected:
@@ -78,6 +80,10 @@ def test_checkpoint_of_an_earlier_version_resumes(tmp_path: Path) -> None:
         assert have["tokens_seen"] == want["tokens_seen"]
         assert have["lr"] == pytest.approx(want["lr"], rel=1e-12)
         assert have["loss"] == pytest.approx(want["loss"], abs=2e-4), want["step"]
+    # The validation at the end, as that version computed it (the same val batches and mean).
+    (want_val,) = [r for r in records if "val_loss" in r]
+    (have_val,) = [r for r in read_metrics(run) if "val_loss" in r and r["step"] == 8]
+    assert have_val["val_loss"] == pytest.approx(want_val["val_loss"], abs=2e-4)
 
     # The same run continues: its W&B id and early-stopping record came from the checkpoint.
     saved = json.loads((run / "checkpoints" / "step_0000008" / "train_state.json").read_text())
