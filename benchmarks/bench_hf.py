@@ -132,9 +132,9 @@ def bench_eval(data: Path, model: str, rounds: int, max_documents: int, work: Pa
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from pretrain.data.shards import read_manifest, read_shard
+    from pretrain.data.shards import data_tokenizer, read_manifest, read_shard
     from pretrain.evaluation.harness import PretrainLM
-    from pretrain.evaluation.split import data_tokenizer, evaluate_split
+    from pretrain.evaluation.split import evaluate_split
     from pretrain.export import export_hf
     from pretrain.pretrained import load_pretrained
 

@@ -8,7 +8,8 @@ Writes a smaller model, and what it cost:
                           model's architecture: the marker `pretrain.pretrained` detects (the
                           directory's format is `pretrain.compressed`)
     out/model.safetensors the weights (int8 tensors flattened by torchao; `pretrain.quantize`)
-    out/tokenizer.model   the model's tokenizer (tokenizer.json for a Hugging Face source)
+    out/tokenizer.model   the model's tokenizer (tokenizer.json and its config files for a
+                          Hugging Face one)
     out/report.json, out/report.md
                           size on disk, parameters (non-zero), val loss, perplexity, bits per
                           byte, CPU generation tokens/s, for the original and each stage, all
@@ -46,12 +47,10 @@ from pretrain.compressed import WEIGHTS, config_of, read_info, write_compressed
 from pretrain.config import ConfigError
 from pretrain.data.shards import DataError, Manifest, read_manifest
 from pretrain.model import GPT, GPTConfig
-from pretrain.pretrained import Pretrained, check_tokenizer, load_pretrained, tokenizer_file
+from pretrain.pretrained import Pretrained, check_tokenizer, load_pretrained
 from pretrain.pruning import METHODS as PRUNE_METHODS
 from pretrain.pruning import PruneError
 from pretrain.quantize import METHODS as QUANT_METHODS
-
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class CompressError(ConfigError):
@@ -65,11 +64,7 @@ class CompressError(ConfigError):
 
 def tokenizer_files(p: Pretrained) -> list[Path]:
     """The files that hold `p`'s tokenizer, to copy next to its compressed weights."""
-    if p.kind == "checkpoint":
-        return [tokenizer_file(p.path)]
-    if (p.path / "tokenizer.model").is_file():
-        return [p.path / "tokenizer.model"]
-    return [p.path / f for f in HF_TOKENIZER_FILES if (p.path / f).is_file()]
+    return list(p.tokenizer.files) if p.tokenizer is not None else []
 
 
 def source_data_dir(p: Pretrained) -> str | None:

@@ -4,6 +4,7 @@
     python -m pretrain.prepare 'input=[corpus/*.jsonl.gz,notes/**/*.txt]' output=data/mine \
         tokenizer.vocab_size=16384
     python -m pretrain.prepare input=sft/*.jsonl output=data/sft tokenizer.path=data/mine/tokenizer.model
+    python -m pretrain.prepare input=corpus/*.jsonl.gz output=data/llama3 tokenizer.path=models/Llama-3.2-1B
 
 This module is the app (its config, and the order of the work); the seams live in
 `pretrain.data`: `sources` reads the inputs into documents (what a document is: `.txt`/`.py`
@@ -11,16 +12,20 @@ files, `.jsonl(.gz)` lines with `text`, or fine-tuning records with `prompt` and
 `tokenize` turns them into token ids, `writer` writes the shards, and `format` defines the shard
 and manifest format that the loader reads.
 
-What it writes into `output` (and nothing else): tokenizer.model, train/ and val/ shards, and
-manifest.json last (see `pretrain.data.format`). Token count of a document =
-len(sp.encode(prompt)) + len(sp.encode(text)) + 1 (the EOS; prompt is "" except for fine-tuning
-records), with plain sentencepiece and the written tokenizer.model; the manifest's counts are
-exact sums of that. Fine-tuning records also get a loss mask: only response tokens (and the EOS)
-are targets of the loss.
+What it writes into `output` (and nothing else): the tokenizer (tokenizer.model, or tokenizer/
+for a Hugging Face one), train/ and val/ shards, and manifest.json last (see
+`pretrain.data.format`). Token count of a document = len(encode(prompt)) + len(encode(text)) + 1
+(the EOS; prompt is "" except for fine-tuning records), plus 1 for a BOS where a Hugging Face
+tokenizer adds one; the manifest's counts are exact sums of that. Fine-tuning records also get
+a loss mask: only response tokens (and the EOS) are targets of the loss.
 
 Tokenizer: sentencepiece BPE with byte fallback (see pretrain.tokenizer), trained on at most
 `tokenizer.sample_bytes` of text: whole files in a seeded order of their paths relative to the
-inputs' common directory, cut at line ends into pieces of at most `max_sentence_bytes`.
+inputs' common directory, cut at line ends into pieces of at most `max_sentence_bytes`. Or the
+one `tokenizer.path` names: a sentencepiece .model, a Hugging Face model dir or its
+tokenizer.json (with the config files next to it, which say its EOS and whether it adds a BOS:
+`pretrain.tokenizer.hf`), a data dir's or run dir's tokenizer. Its files are copied into
+`output`; vocabularies over 65,536 ids (added tokens included) are stored as 32-bit ids.
 
 Splits: documents are ranked by a seeded hash of their *content*, so identical documents always
 land on the same side and the split depends neither on file names nor on the machine. Val is the
@@ -46,7 +51,7 @@ Atomic and restartable: every file is written to a hidden temp name, fsynced, th
 manifest goes last. Tokens are spilled to a hidden temp file in `output` before the shuffle
 (about the size of the shards; deleted at the end). An interrupted prepare leaves no manifest, so
 nothing reads its shards; running the same command again redoes the work from scratch (it
-deletes this app's leftovers: shards, temp files and tokenizer.model). Running it over a finished
+deletes this app's leftovers: shards, temp files and the tokenizer). Running it over a finished
 prepare with the same config and inputs does nothing; with a different one it refuses unless
 `overwrite=true`.
 """
@@ -74,7 +79,6 @@ from pretrain.data.format import (
     FORMAT,
     MANIFEST,
     SPLITS,
-    TOKENIZER_FILE,
     Shard,
     manifest_json,
     token_dtype,
@@ -94,9 +98,12 @@ from pretrain.data.sources import (
 from pretrain.data.tokenize import tokenized
 from pretrain.data.writer import Spill, fsync_dir, write_split
 from pretrain.tokenizer import (
-    Tokenizer,
+    SP_FILE,
+    TextTokenizer,
+    TokenizerError,
     TokenizerTrainingError,
-    file_sha256,
+    load_tokenizer,
+    remove_stored,
     train_tokenizer,
     write_atomic,
 )
@@ -111,7 +118,8 @@ class TokenizerConfig:
     vocab_size: int = 8192
     """Number of sentencepiece pieces (256 byte pieces and 4 special ids included)."""
     path: str | None = None
-    """An existing sentencepiece .model to use instead of training one (copied into output)."""
+    """An existing tokenizer to use instead of training one (copied into output): a
+    sentencepiece .model, a Hugging Face model dir or tokenizer.json, a data dir's tokenizer."""
     sample_bytes: int = 10_000_000
     """Upper bound on the UTF-8 bytes of text the tokenizer is trained on (a seeded sample)."""
     max_sentence_bytes: int = 4096
@@ -125,7 +133,7 @@ class PrepareConfig:
     input: Any = STDLIB
     """A glob, a directory, or a list of them; `stdlib` = the running Python's standard library."""
     output: str = MISSING
-    """Directory that receives tokenizer.model, train/, val/ and manifest.json."""
+    """Directory that receives the tokenizer, train/, val/ and manifest.json."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """How the tokenizer is trained (or which one is reused)."""
     shard_tokens: int = 1 << 19
@@ -275,7 +283,7 @@ def _clean_leftovers(out: Path) -> None:
                     p.unlink()
     for p in out.glob(".*.tmp"):
         p.unlink()
-    (out / TOKENIZER_FILE).unlink(missing_ok=True)
+    remove_stored(out)
 
 
 def _validate(cfg: PrepareConfig) -> None:
@@ -377,34 +385,40 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         )
     units = make_units(files)
 
-    # Reuse a given tokenizer (read now: cleaning the output may delete the file it names).
-    given_model: bytes | None = None
+    # Reuse a given tokenizer (read now, into memory: cleaning the output may delete its files).
+    given: TextTokenizer | None = None
     if cfg.tokenizer.path is not None:
         try:
-            given = Tokenizer(cfg.tokenizer.path)
-        except Exception as exc:
+            given = load_tokenizer(cfg.tokenizer.path)
+        except TokenizerError as exc:
             raise PrepareError(
-                f"tokenizer.path={cfg.tokenizer.path!r} is not a readable sentencepiece model "
-                f"({exc}); pass a .model file or drop tokenizer.path to train one."
+                f"tokenizer.path={cfg.tokenizer.path!r}: {exc} (or drop tokenizer.path to train "
+                f"a sentencepiece tokenizer here)."
             ) from exc
-        if given.eos_id < 0:
-            raise PrepareError(f"tokenizer {cfg.tokenizer.path} has no EOS id; train one here.")
-        given_model = given.path.read_bytes()
-    identity = _identity(
-        cfg, files, file_sha256(cfg.tokenizer.path) if cfg.tokenizer.path is not None else None
-    )
+    identity = _identity(cfg, files, given.sha256 if given is not None else None)
     if _check_existing(out, identity, cfg.overwrite, say):
         return out
 
     # 1. The tokenizer: trained on a bounded seeded sample, or the given one.
-    model_bytes = given_model or _train_tokenizer(cfg, units, out, len(files), say)
+    model_bytes = None if given is not None else _train_tokenizer(cfg, units, out, len(files), say)
 
     # 2. Output directory: clear this app's leftovers, then the tokenizer.
     out.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(out)
-    write_atomic(out / TOKENIZER_FILE, model_bytes)
-    tok = Tokenizer(out / TOKENIZER_FILE)
+    if given is not None:
+        stored = given.save(out)
+    else:
+        assert model_bytes is not None
+        stored = out / SP_FILE
+        write_atomic(stored, model_bytes)
+    tok = load_tokenizer(stored)
     dtype = token_dtype(tok.vocab_size)
+    if given is not None:
+        head, tail = tok.document_ends()
+        say(
+            f"tokenizer: {given.describe()}; a document is {head or ''}{' + ' if head else ''}"
+            f"text + {tail}, as {dtype} ids"
+        )
     np_dtype = "<u2" if dtype == "uint16" else "<u4"
     ext = token_ext(dtype)
 
@@ -415,7 +429,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     tty = sys.stderr.isatty()
     try:
         # The pool starts before the progress bar's monitor thread exists.
-        with tokenized(units, str(out / TOKENIZER_FILE), np_dtype, cfg.seed, num_proc) as results:
+        with tokenized(units, str(stored), np_dtype, cfg.seed, num_proc) as results:
             bar = tqdm(
                 total=len(units),
                 unit="file",
@@ -472,14 +486,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
 
     # 5. The manifest, last.
     manifest = manifest_json(
-        vocab_size=tok.vocab_size,
-        tokenizer_sha256=tok.sha256,
-        special_ids={
-            "eos_id": tok.eos_id,
-            "bos_id": tok.bos_id,
-            "pad_id": tok.pad_id,
-            "unk_id": tok.unk_id,
-        },
+        tokenizer=tok,
         splits=records,
         loss_mask=loss_mask,
         val_split=val_report,

@@ -14,7 +14,8 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from pretrain.model import GPT
-from pretrain.pretrained import SourceError, TextTokenizer, load_pretrained
+from pretrain.pretrained import SourceError, load_pretrained
+from pretrain.tokenizer import TextTokenizer
 
 
 @dataclass
@@ -23,7 +24,8 @@ class SampleConfig:
     """A run directory (its newest checkpoint), <run dir>/best, a checkpoints/step_* dir, a
     Hugging Face model directory or a compressed model directory."""
     prompt: str = ""
-    """Text to continue (empty = start a new document: after EOS)."""
+    """Text to continue (empty = start a new document: after EOS). It is the start of a
+    document: the tokenizer's BOS comes first where prepared data has one."""
     num_samples: int = 2
     """How many continuations to print."""
     max_new_tokens: int = 200
@@ -55,8 +57,10 @@ def sample(cfg: SampleConfig) -> list[str]:
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     model, tok = load_model(cfg.checkpoint, device)
-    # Every document in the training data follows an EOS: with no prompt, start there.
-    start = tok.encode(cfg.prompt) if cfg.prompt else [tok.eos_id]
+    # Every document in the training data follows an EOS and starts with the tokenizer's BOS
+    # where it adds one: a prompt is a document's start; no prompt starts after EOS.
+    head, _ = tok.document_ends()
+    start = head + tok.encode(cfg.prompt) if cfg.prompt else [tok.eos_id, *head]
     idx = torch.tensor([start] * cfg.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(

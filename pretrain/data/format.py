@@ -2,7 +2,9 @@
 
 A prepared data dir holds
 
-    tokenizer.model               the sentencepiece model the shards were tokenized with
+    tokenizer.model               the sentencepiece model the shards were tokenized with, or
+    tokenizer/tokenizer.json ...  the Hugging Face tokenizer, with the config files that define
+                                  its special tokens (`pretrain.tokenizer` stores both kinds)
     train/train-000000.tar ...    WebDataset shards (plain USTAR tars) of the train split
     val/val-000000.tar ...        ... and of the val split
     manifest.json                 written last; its presence is the only "done" marker
@@ -10,7 +12,9 @@ A prepared data dir holds
 A shard holds whole documents, one WebDataset sample each, its members consecutive:
 
     <key>.tokens.u16  (.tokens.u32 when vocab_size > 65536)
-        the document's token ids, raw little-endian, ending in EOS
+        the document's token ids, raw little-endian: BOS first when the tokenizer adds one (an
+        HF tokenizer whose post-processor does), the text, what the post-processor appends,
+        EOS last
     <key>.loss.u8     (only for documents with tokens outside the loss: fine-tuning records)
         one byte per token: 1 = the token is a *response* token (the loss counts it when it is
         the target), 0 = a prompt token (never a target of the loss). Absent = all 1.
@@ -19,9 +23,15 @@ A shard holds whole documents, one WebDataset sample each, its members consecuti
 (mtime 0, uid/gid 0, mode 0644, USTAR), so equal inputs give byte-identical shards.
 
 manifest.json (`Manifest`): the format string, token dtype and member extension, the tokenizer
-(file, sha256, special ids, vocab size), whether any document has a loss mask, and per split the
-document and token counts and the list of shards (name, documents, tokens, bytes, sha256). It
-also records what prepare skipped, its inputs, its identity and config: readers ignore those.
+(`tokenizer`: its place in the dir; its content hash `tokenizer_sha256`, the one
+`pretrain.tokenizer` computes; special ids; vocab size, added tokens included), whether any
+document has a loss mask, and per split the document and token counts and the list of shards
+(name, documents, tokens, bytes, sha256). A Hugging Face tokenizer's manifest also has
+`tokenizer_kind` ("hf") and `tokenizer_files` (its files, relative to the dir, so a remote data
+dir's can be fetched); without them the tokenizer is the sentencepiece `tokenizer.model`, as in
+every manifest written before. `bos_id` is the tokenizer's BOS token (sentencepiece's is never
+added), -1 when it has none. The manifest also records what prepare skipped, its inputs, its
+identity and config: readers ignore those.
 """
 
 from __future__ import annotations
@@ -32,11 +42,12 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.tokenizer import TextTokenizer
+
 FORMAT = "pretrain-shards/2"
 # /1: the same members without loss masks (documents in input order); still read.
 READABLE_FORMATS = ("pretrain-shards/1", FORMAT)
 MANIFEST = "manifest.json"
-TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "val")
 MASK_EXT = "loss.u8"
 
@@ -155,7 +166,7 @@ class Manifest:
     source: str  # the data dir as given (a path or a URL); not stored in the file
     dtype: str  # "uint16" | "uint32"
     token_ext: str  # tar member extension of a document's tokens, e.g. "tokens.u16"
-    tokenizer: str  # file name of the tokenizer inside the data dir
+    tokenizer: str  # where the tokenizer is inside the data dir (a file, or a directory)
     tokenizer_sha256: str
     vocab_size: int
     eos_id: int
@@ -165,6 +176,8 @@ class Manifest:
     num_documents: dict[str, int]
     num_tokens: dict[str, int]
     loss_mask: bool = False  # some document has a .loss.u8 member
+    tokenizer_kind: str = "sentencepiece"  # "sentencepiece" | "hf"
+    tokenizer_files: tuple[str, ...] = ()  # the tokenizer's files, relative to the data dir
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -213,6 +226,8 @@ class Manifest:
                 num_documents={k: int(v["num_documents"]) for k, v in raw["splits"].items()},
                 num_tokens={k: int(v["num_tokens"]) for k, v in raw["splits"].items()},
                 loss_mask=bool(raw.get("loss_mask", False)),
+                tokenizer_kind=raw.get("tokenizer_kind", "sentencepiece"),
+                tokenizer_files=tuple(raw.get("tokenizer_files") or [raw["tokenizer"]]),
                 raw=raw,
             )
         except (KeyError, TypeError) as exc:
@@ -221,25 +236,33 @@ class Manifest:
             ) from exc
 
 
+def tokenizer_fields(tokenizer: TextTokenizer) -> dict[str, Any]:
+    """The manifest's fields about `tokenizer`, stored in the data dir with `tokenizer.save`."""
+    fields = {
+        "tokenizer": tokenizer.stored_name,
+        "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        **tokenizer.special_ids(),  # eos_id, bos_id, pad_id, unk_id
+    }
+    if tokenizer.kind != "sentencepiece":  # a sentencepiece manifest stays as it always was
+        fields |= {"tokenizer_kind": tokenizer.kind, "tokenizer_files": tokenizer.stored_files()}
+    return fields
+
+
 def manifest_json(
     *,
-    vocab_size: int,
-    tokenizer_sha256: str,
-    special_ids: dict[str, int],
+    tokenizer: TextTokenizer,
     splits: dict[str, list[Shard]],
     loss_mask: bool,
     **extra: Any,
 ) -> dict[str, Any]:
     """The manifest.json object of a finished prepare (`extra`: recorded, not read back)."""
-    dtype = token_dtype(vocab_size)
+    dtype = token_dtype(tokenizer.vocab_size)
     return {
         "format": FORMAT,
         "dtype": dtype,
         "token_ext": token_ext(dtype),
-        "tokenizer": TOKENIZER_FILE,
-        "tokenizer_sha256": tokenizer_sha256,
-        "vocab_size": vocab_size,
-        **special_ids,  # eos_id, bos_id, pad_id, unk_id
+        **tokenizer_fields(tokenizer),
         "loss_mask": loss_mask,
         "num_documents": sum(s.documents for ss in splits.values() for s in ss),
         "num_tokens": sum(s.tokens for ss in splits.values() for s in ss),

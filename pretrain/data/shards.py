@@ -37,8 +37,23 @@ from pretrain.data.format import (
     ShardError,
     shard_documents,
 )
+from pretrain.tokenizer import (
+    TextTokenizer,
+    TokenizerError,
+    describe,
+    load_tokenizer,
+    tokenizer_from_contents,
+)
 
-__all__ = ["DataError", "Manifest", "Shard", "ShardError", "read_manifest", "read_shard"]
+__all__ = [
+    "DataError",
+    "Manifest",
+    "Shard",
+    "ShardError",
+    "data_tokenizer",
+    "read_manifest",
+    "read_shard",
+]
 
 
 def is_local(data_dir: str | Path) -> bool:
@@ -115,14 +130,44 @@ def read_manifest(data_dir: str | Path, *, allow_pipe: bool = False) -> Manifest
     return Manifest.from_json(raw, src)
 
 
+def data_tokenizer(manifest: Manifest, *, allow_pipe: bool = False) -> TextTokenizer:
+    """The tokenizer a data dir was prepared with (fetched from a remote one), checked against
+    the manifest's hash."""
+    src = manifest.source
+    where = f"{src}/{manifest.tokenizer}"
+    try:
+        if is_local(src):
+            tok = load_tokenizer(local_path(src) / manifest.tokenizer)
+        else:
+            contents = {
+                Path(rel).name: fetch(resolve(src, rel, allow_pipe=allow_pipe))
+                for rel in manifest.tokenizer_files
+            }
+            tok = tokenizer_from_contents(manifest.tokenizer_kind, contents, where)
+    except (TokenizerError, OSError) as exc:
+        raise DataError(f"cannot read the tokenizer of {src}: {exc}; {_redo(manifest)}.") from exc
+    if tok.sha256 != manifest.tokenizer_sha256:
+        raise DataError(
+            f"the tokenizer in {where} has sha256 {tok.sha256[:12]}, the manifest says "
+            f"{manifest.tokenizer_sha256[:12]}: it is not the one the shards were prepared with; "
+            f"{_redo(manifest)}."
+        )
+    return tok
+
+
 def check_tokenizer(manifest: Manifest, expected_sha256: str) -> None:
     """Refuse shards tokenized with another tokenizer than the one training uses."""
     if expected_sha256 != manifest.tokenizer_sha256:
+        data = describe(
+            manifest.tokenizer_kind,
+            f"{manifest.source}/{manifest.tokenizer}",
+            manifest.tokenizer_sha256,
+            manifest.vocab_size,
+        )
         raise DataError(
             f"tokenizer {expected_sha256[:12]} does not match the shards in {manifest.source} "
-            f"(prepared with {manifest.tokenizer} sha256 {manifest.tokenizer_sha256[:12]}): "
-            f"re-run prepare with tokenizer.path=<your tokenizer>, or point the data dir at "
-            f"shards prepared with it (or train with {manifest.source}/{manifest.tokenizer})."
+            f"(prepared with {data}): re-run prepare with "
+            f"tokenizer.path=<your tokenizer>, or point the data dir at shards prepared with it."
         )
 
 

@@ -1,9 +1,17 @@
 """Tokenizing prepare's documents, in worker processes (or inline when num_proc == 1).
 
-A document's tokens are `sp.encode(prompt) + sp.encode(text) + [EOS]` with plain sentencepiece
-and the data dir's tokenizer.model (`prompt` is "" for plain documents, so theirs are
-`sp.encode(text) + [EOS]`). Prompt and response are encoded apart, so no piece spans the
-boundary and the loss mask is exact: 0 for the prompt's tokens, 1 for the response's and EOS.
+A document's tokens are what `TextTokenizer.encode_documents` makes of it with the data dir's
+tokenizer: `encode(prompt) + encode(text) + [EOS]` for sentencepiece (`prompt` is "" for plain
+documents, so theirs are `encode(text) + [EOS]`); a Hugging Face tokenizer puts its BOS first
+when its post-processor adds one. Prompt and response are encoded apart, so no token spans the
+boundary and the loss mask is exact: 0 for the BOS and the prompt's tokens, 1 for the
+response's and what follows it.
+
+Documents are encoded in batches (a unit's documents, up to BATCH_CHARS of text at a time).
+Each worker process runs one thread: the pool's processes already take the cores, so a Hugging
+Face tokenizer's own threads are switched off in them (they would only compete, and after a
+fork they can deadlock). Inline, the tokenizer may use its own threads. The ids are the same
+either way.
 
 Each document also gets two seeded 64-bit keys of its content (`content_keys`): one decides its
 split, the other its place in the seeded shuffle that fills the shards. Both depend on the
@@ -14,14 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pretrain.data.sources import Unit, iter_unit_docs
-from pretrain.tokenizer import EOS_ID
+from pretrain.data.sources import Document, Unit, iter_unit_docs
+from pretrain.tokenizer import TextTokenizer, load_tokenizer
+
+BATCH_CHARS = 1 << 20  # text per encode call: amortises the call, bounds a worker's memory
 
 
 def content_keys(content: bytes, seed: int) -> tuple[int, int]:
@@ -46,40 +57,51 @@ class UnitResult:
     unreadable: str | None = None  # why the unit could not be read at all
 
 
-_SP: Any = None
+_TOK: TextTokenizer | None = None
 _DTYPE: Any = None
 _SEED = 0
 
 
-def _init_worker(model_path: str, dtype: str, seed: int) -> None:
-    import sentencepiece as spm
-
-    global _SP, _DTYPE, _SEED
-    _SP = spm.SentencePieceProcessor(model_file=model_path)
+def _init_worker(tokenizer: str, dtype: str, seed: int, pooled: bool = False) -> None:
+    global _TOK, _DTYPE, _SEED
+    if pooled:  # before the tokenizer runs: it reads this at every batch
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _TOK = load_tokenizer(tokenizer)
     _DTYPE, _SEED = np.dtype(dtype), seed
 
 
+def _encode(batch: list[Document]) -> list[TokenizedDoc]:
+    assert _TOK is not None
+    out = []
+    encoded = _TOK.encode_documents([(doc.prompt, doc.text) for doc in batch])
+    for doc, (ids, context) in zip(batch, encoded):
+        mask = None
+        if doc.prompt:
+            m = np.ones(len(ids), np.uint8)
+            m[:context] = 0
+            mask = m.tobytes()
+        split_key, order_key = content_keys(doc.content(), _SEED)
+        tokens = np.asarray(ids, dtype=_DTYPE).tobytes()
+        out.append(TokenizedDoc(tokens, mask, len(ids), split_key, order_key))
+    return out
+
+
 def _encode_unit(unit: Unit) -> UnitResult:
-    docs, skipped = [], []
+    docs: list[TokenizedDoc] = []
+    skipped: list[tuple[str, str]] = []
+    batch: list[Document] = []
+    chars = 0
     try:
         for doc, reason, where in iter_unit_docs(unit):
             if doc is None:
                 skipped.append((str(reason), where))
                 continue
-            prompt = _SP.encode(doc.prompt) if doc.prompt else []
-            ids = prompt + _SP.encode(doc.text)
-            ids.append(EOS_ID)
-            mask = None
-            if prompt:
-                m = np.ones(len(ids), np.uint8)
-                m[: len(prompt)] = 0
-                mask = m.tobytes()
-            split_key, order_key = content_keys(doc.content(), _SEED)
-            docs.append(
-                TokenizedDoc(
-                    np.asarray(ids, dtype=_DTYPE).tobytes(), mask, len(ids), split_key, order_key
-                )
-            )
+            batch.append(doc)
+            chars += len(doc.text) + len(doc.prompt)
+            if chars >= BATCH_CHARS:
+                docs += _encode(batch)
+                batch, chars = [], 0
+        docs += _encode(batch)
     except (OSError, EOFError, ValueError) as exc:  # ValueError: zlib/gzip damage
         return UnitResult([], [], f"{type(exc).__name__}: {exc}")
     return UnitResult(docs, skipped)
@@ -89,8 +111,11 @@ class tokenized:
     """Context manager yielding each unit's UnitResult in input order, whatever num_proc is,
     from a process pool (num_proc > 1) or inline."""
 
-    def __init__(self, units: list[Unit], model: str, dtype: str, seed: int, num_proc: int) -> None:
-        self.units, self.args, self.num_proc = units, (model, dtype, seed), num_proc
+    def __init__(
+        self, units: list[Unit], tokenizer: str, dtype: str, seed: int, num_proc: int
+    ) -> None:
+        """`tokenizer`: the path `load_tokenizer` reads in each worker."""
+        self.units, self.args, self.num_proc = units, (tokenizer, dtype, seed), num_proc
         self.pool: Any = None
 
     def __enter__(self) -> Iterable[UnitResult]:
@@ -98,10 +123,10 @@ class tokenized:
             _init_worker(*self.args)
             return map(_encode_unit, self.units)
         # fork where there is one (as torch's DataLoader does): workers start in milliseconds and
-        # run only sentencepiece and numpy, never torch, so a forked torch runtime is harmless.
+        # run only the tokenizer and numpy, never torch, so a forked torch runtime is harmless.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         self.pool = mp.get_context(method).Pool(
-            self.num_proc, initializer=_init_worker, initargs=self.args
+            self.num_proc, initializer=_init_worker, initargs=(*self.args, True)
         )
         chunk = max(1, min(8, len(self.units) // (8 * self.num_proc)))
         return self.pool.imap(_encode_unit, self.units, chunksize=chunk)

@@ -13,8 +13,8 @@ import torch
 
 from pretrain.config import ConfigError
 from pretrain.engine.precision import autocast
-from pretrain.pretrained import TextTokenizer
 from pretrain.tasks import TASKS_DIR
+from pretrain.tokenizer import TextTokenizer
 
 
 def _template_lm() -> type:

@@ -7,8 +7,9 @@ the end of a document is predicted too) is cut into disjoint windows of `seq_len
 log-likelihood (context_len=1). So the result does not depend on the batch size or on the order
 of documents, and every token of the split is predicted exactly once: `tokens` is the split's
 token count. Bits per byte = total NLL / ln 2 / the UTF-8 bytes of the documents' text (decoded
-with the data's tokenizer; exact for any text without U+2581, sentencepiece's space marker), so
-models with different tokenizers compare.
+with the data's tokenizer, whatever its kind, special tokens dropped; exact for our
+sentencepiece tokenizer on any text without U+2581, its space marker, and for byte-level BPE
+tokenizers without a normaliser), so models with different tokenizers compare.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from pretrain.config import ConfigError
-from pretrain.data.shards import DataError, Manifest, fetch, read_shard, resolve
+from pretrain.data.shards import DataError, Manifest, data_tokenizer, read_shard
 from pretrain.evaluation.loss import model_loss, total_nll
 from pretrain.model import GPT
 
@@ -78,13 +79,6 @@ def score_windows(
     return float(nll.item())
 
 
-def data_tokenizer(manifest: Manifest, *, allow_pipe: bool = False) -> Any:
-    import sentencepiece as spm
-
-    proto = fetch(resolve(manifest.source, manifest.tokenizer, allow_pipe=allow_pipe))
-    return spm.SentencePieceProcessor(model_proto=proto)
-
-
 def evaluate_split(
     model: GPT,
     manifest: Manifest,
@@ -103,14 +97,14 @@ def evaluate_split(
     seq_len = seq_len or block
     if not 0 < seq_len <= block:
         raise ConfigError(f"seq_len={seq_len} must be in [1, block_size={block}] (0 = block_size)")
-    sp = data_tokenizer(manifest, allow_pipe=allow_pipe)
+    tok = data_tokenizer(manifest, allow_pipe=allow_pipe)
     nll, tokens, n_bytes, n_docs, elapsed = 0.0, 0, 0, 0, 0.0
     # Shard by shard: memory holds one shard's windows, however large the split.
     for shard in manifest.shards(split):
         docs = [tokens for tokens, _ in read_shard(manifest, shard, allow_pipe=allow_pipe)]
         if max_documents:
             docs = docs[: max_documents - n_docs]
-        n_bytes += sum(len(sp.decode([int(t) for t in d]).encode("utf-8")) for d in docs)
+        n_bytes += sum(len(tok.decode(d).encode("utf-8")) for d in docs)
         wins = [w for d in docs for w in windows(d, manifest.eos_id, seq_len)]
         start = time.perf_counter()
         nll += score_windows(model, wins, batch_tokens, device, precision)

@@ -1,15 +1,17 @@
 """The run directory's own files: the resolved config and the tokenizer copy.
 
 `<run.dir>/config.yaml` is the resolved config (W&B gets the same dict), rewritten at every
-start; `<run.dir>/tokenizer.model` is a copy of the data's tokenizer, taken at the first start,
-so that a run needs no data dir to sample, and a resumed run pointed at shards made with another
-tokenizer is refused instead of training on noise. Metrics and checkpoints have their own homes
-(`pretrain/metrics.py`, `pretrain/checkpoint.py`).
+start; the run's copy of the data's tokenizer (`<run.dir>/tokenizer.model` for sentencepiece,
+`<run.dir>/tokenizer/` holding tokenizer.json and its config files for a Hugging Face one: the
+data dir's layout, `pretrain.tokenizer.load`), taken at the first start, lets a run sample,
+evaluate and export without its data dir, and a resumed run pointed at shards made with another
+tokenizer (compared by content hash) is refused instead of training on noise. Metrics and
+checkpoints have their own homes (`pretrain/metrics.py`, `pretrain/checkpoint.py`).
 """
 
 from __future__ import annotations
 
-import shutil
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,10 @@ import yaml
 
 from pretrain import dist
 from pretrain.config import Config, to_dict
-from pretrain.data.format import Manifest
-from pretrain.data.shards import is_local, local_path
+from pretrain.data.format import DataError, Manifest
+from pretrain.data.shards import data_tokenizer
 from pretrain.model import GPTConfig
-from pretrain.tokenizer import file_sha256
+from pretrain.tokenizer import TokenizerError, find_tokenizer, load_tokenizer
 
 
 class RunDir:
@@ -38,14 +40,18 @@ class RunDir:
         have: the copy's, once there is one."""
         path = Path(cfg.run.dir)
         resolved = to_dict(cfg)  # type: ignore[arg-type]
-        resolved["model"]["vocab_size"] = model_cfg.vocab_size
-        run_tok = path / "tokenizer.model"
-        expected = file_sha256(run_tok) if run_tok.is_file() else manifest.tokenizer_sha256
+        # The model as built: the vocabulary taken from the data, or a source's architecture.
+        resolved["model"] = dataclasses.asdict(model_cfg)
+        run_tok = find_tokenizer(path) if path.is_dir() else None
+        try:
+            expected = load_tokenizer(run_tok).sha256 if run_tok else manifest.tokenizer_sha256
+        except TokenizerError as e:
+            raise DataError(f"the run's tokenizer copy is damaged: {e}") from e
         dist.barrier()
         run_dir = cls(path, resolved, expected)
         run_dir.write_config()
-        if dist.is_main() and not run_tok.is_file() and is_local(manifest.source):
-            shutil.copyfile(local_path(manifest.source) / manifest.tokenizer, run_tok)
+        if dist.is_main() and run_tok is None:
+            data_tokenizer(manifest, allow_pipe=cfg.data.allow_pipe).save(path)
         dist.barrier()
         return run_dir
 

@@ -17,12 +17,12 @@ from pretrain.evaluation.split import score_windows, windows
 from pretrain.model import GPT, GPTConfig
 from pretrain.pretrained import (
     Pretrained,
-    SentencePieceText,
     SourceError,
     architecture_mismatches,
     detect,
     weights_for,
 )
+from pretrain.tokenizer import SentencePieceText
 
 CFG = dict(vocab_size=512, block_size=16, n_layer=2, n_head=2, n_embd=16, pad_vocab_to=96)
 

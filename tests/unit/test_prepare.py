@@ -18,7 +18,7 @@ import sentencepiece as spm
 from pretrain.data import writer
 from pretrain.data.shards import DataError, read_manifest
 from pretrain.prepare import PrepareConfig, PrepareError, TokenizerConfig, run_prepare
-from pretrain.tokenizer import Tokenizer, file_sha256
+from pretrain.tokenizer import SentencePieceText, file_sha256
 from tests.conftest import test_env
 from tests.data_fixtures import make_corpus, tiny_config
 
@@ -93,7 +93,7 @@ def test_token_counts_are_exact_and_shards_hold_each_document(tiny_data: Path, t
 
 
 def test_tokenizer_round_trips_documents(tiny_data: Path, tiny_corpus: Path):
-    tok = Tokenizer(tiny_data / "tokenizer.model")
+    tok = SentencePieceText(tiny_data / "tokenizer.model")
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
     assert tok.sha256 == file_sha256(tok.path)
     for path in sorted(tiny_corpus.rglob("*.py"))[:40]:

@@ -284,9 +284,10 @@ def test_tokenizer_mismatch_names_both_sides(tiny_data: Path):
     _loader(tiny_data, expected_tokenizer_sha256=m.tokenizer_sha256)
     with pytest.raises(
         DataError,
-        match=r"tokenizer abcabcabcabc does not match the shards in .*prepared with tokenizer.model sha256 "
+        match=r"tokenizer abcabcabcabc does not match the shards in .*prepared with sentencepiece "
+        + r".*tokenizer.model \(sha256 "
         + m.tokenizer_sha256[:12]
-        + r".*re-run prepare",
+        + rf", {m.vocab_size} ids\).*re-run prepare",
     ):
         _loader(tiny_data, expected_tokenizer_sha256="abc" * 21 + "a")
 
