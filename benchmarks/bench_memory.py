@@ -268,7 +268,7 @@ def planned(args: argparse.Namespace, strategy: str) -> dict[str, int]:
     """pretrain.plan's per-rank peaks for this run (bytes, device + host: one memory on CPU)."""
     sys.path.insert(0, str(REPO))
     from pretrain.model import GPTConfig
-    from pretrain.plan.estimate import phase_peaks
+    from pretrain.plan.costs import phase_peaks
 
     model = GPTConfig(**json.loads(args.model))
     peaks = phase_peaks(

@@ -4,8 +4,10 @@ Consolidated model weights from any checkpoint (saved under any strategy and wor
 DCP checkpoint is keyed by parameter name and resharded on read), in one of two formats:
 
     hf            a directory that stock transformers loads offline (AutoModelForCausalLM,
-                  AutoTokenizer, a generation config): GPT2LMHeadModel or LlamaForCausalLM,
-                  sharded with an index above --max-shard-size. The mapping is pretrain/hf.py.
+                  AutoTokenizer, a generation config) as the class the model has
+                  (`pretrain.hf.FAMILIES`: GPT-2, Llama, Mistral, Qwen2, Qwen3; an HF source's
+                  own, recorded in model.hf_model_type), sharded with an index above
+                  --max-shard-size, with the run's tokenizer. The mapping is pretrain/hf.py.
                   Also from a pruned model of `pretrain.compress` (a compressed directory).
     safetensors   one .safetensors file with our own parameter names (an out path ending in
                   .safetensors picks it), described below.
@@ -69,6 +71,7 @@ def export_hf(
     """Write checkpoint (or run dir) `src` as a Hugging Face model directory `out`."""
     from pretrain import hf
     from pretrain.pretrained import tokenizer_file
+    from pretrain.tokenizer import load_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -77,11 +80,12 @@ def export_hf(
     ckpt = resolve(src)
     cfg = GPTConfig(**read_config(ckpt)["model"])
     hf.family(cfg)  # refuse a model no stock class fits before reading any weight
+    tokenizer = load_tokenizer(tokenizer_file(ckpt))  # the run's, sentencepiece or HF
     return hf.save_hf(
         cfg,
         load_model_weights(ckpt),
         out,
-        tokenizer_file(ckpt),
+        tokenizer,
         dtype=dtype,
         max_shard_size=max_shard_size,
         consume=True,  # the weights are ours alone: convert them without a second copy
@@ -93,14 +97,13 @@ def _export_compressed_hf(src: Path, out: str | Path, dtype: str, max_shard_size
     rules; int8 weights have no stock transformers class and stay in our format)."""
     from pretrain import hf
     from pretrain.quantize import model_is_quantized
+    from pretrain.tokenizer import find_tokenizer, load_tokenizer
 
     cfg = config_of(read_info(src))
     hf.family(cfg)
-    if not (src / "tokenizer.model").is_file():
-        raise ValueError(
-            f"{src} has no tokenizer.model (it was compressed from a Hugging Face directory): "
-            "the HF export writes its tokenizer from the sentencepiece model"
-        )
+    found = find_tokenizer(src)
+    if found is None:
+        raise ValueError(f"{src} has no tokenizer: an HF export writes the model's tokenizer")
     _, model, _ = load_compressed(src)
     if model_is_quantized(model):
         raise ValueError(
@@ -108,7 +111,7 @@ def _export_compressed_hf(src: Path, out: str | Path, dtype: str, max_shard_size
             "model before quantising (pretrain.compress without --quantize) and quantise there"
         )
     return hf.save_hf(
-        cfg, model.state_dict(), out, src / "tokenizer.model", dtype=dtype,
+        cfg, model.state_dict(), out, load_tokenizer(found), dtype=dtype,
         max_shard_size=max_shard_size,
     )  # fmt: skip
 

@@ -9,7 +9,8 @@ per token for one forward + backward pass (PaLM, Chowdhery et al. 2022, appendix
   and two in the backward pass (gradients w.r.t. the input and w.r.t. the weight): 2 + 4 = 6.
 - 12*L*H*Q*T: attention scores q.k^T and the weighted sum of values, 2 matmuls of
   2*H*Q*T FLOPs per token and layer forward, times 3 for forward + backward. L = n_layer,
-  H = n_head (query heads, also with GQA), Q = head_dim, T = sequence length. The causal mask
+  H = n_head (query heads, also with GQA), Q = head_dim (model.head_size where it is set apart
+  from n_embd / n_head, as Qwen3's), T = sequence length. The causal mask
   is ignored (full T, as in PaLM), so kernels that skip the masked half do not raise MFU.
 
 Which parameters are N. PaLM takes "N = number of parameters" of a model with no position table
@@ -36,6 +37,7 @@ import time
 
 import torch
 
+from pretrain.engine.precision import DTYPES
 from pretrain.model import GPT, GPTConfig
 
 
@@ -85,21 +87,17 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
 ]
 
+# The names a precision goes by: ours (`DTYPES`), torch's with and without its prefix, and the
+# other tools' (Lightning's "-mixed", Accelerate's mixed_precision="no").
 _DTYPE_ALIASES = {
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-    "torch.bfloat16": "bf16",
+    **{name: name for name in DTYPES},
+    **{str(dt): name for name, dt in DTYPES.items()},
+    **{str(dt).removeprefix("torch."): name for name, dt in DTYPES.items()},
     "bf16-mixed": "bf16",
-    "fp16": "fp16",
-    "float16": "fp16",
-    "half": "fp16",
-    "torch.float16": "fp16",
     "fp16-mixed": "fp16",
-    "fp32": "fp32",
-    "float32": "fp32",
+    "half": "fp16",
     "float": "fp32",
-    "torch.float32": "fp32",
-    "no": "fp32",  # Accelerate's mixed_precision="no"
+    "no": "fp32",
 }
 
 

@@ -6,28 +6,29 @@ and `train.init_from`.
     checkpoint   a run directory (its newest complete checkpoint), <run dir>/best or
                  <run dir>/latest, or a checkpoints/step_* directory, saved under any
                  strategy and world size
-    hf           a Hugging Face directory (config.json) of a GPT2LMHeadModel or a
-                 LlamaForCausalLM, ours (`pretrain.export --format hf`) or anyone's
+    hf           a Hugging Face directory (config.json) of a family `pretrain.hf` reads
+                 (GPT-2, Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5, Qwen3), ours
+                 (`pretrain.export --format hf`) or anyone's
     compressed   a directory written by `pretrain.compress` (compressed.json, the format of
                  `pretrain.compressed`): pruned and/or int8 weights, loaded as they are stored
                  (int8 stays int8)
 
-and returns a `Pretrained`: our GPT with the weights loaded, its config, and its tokenizer
-behind one small interface (sentencepiece for checkpoints, tokenizer.json for HF directories).
+and returns a `Pretrained`: our GPT with the weights loaded, its config, and its tokenizer as a
+`pretrain.tokenizer.TextTokenizer` (a checkpoint's is its run's copy of the data's tokenizer,
+sentencepiece or Hugging Face; an HF directory's is its tokenizer.json and config files).
 A training run (`load_for_init`) gets fp32 weights from every kind: int8 ones are dequantised.
 A new kind of stored model is added here, in `detect` and `load_pretrained`, and every caller
 takes it.
 
 The checks that a model fits somewhere else live here too: `check_tokenizer` (the model's
-tokenizer against the one a data dir was prepared with) and `architecture_mismatches` (a
-source's architecture against `model.*`).
+tokenizer against the one a data dir was prepared with), `check_vocab_fits` (the data's ids
+against the model's embedding rows) and `architecture_mismatches` (a source's architecture
+against `model.*`).
 """
 
 from __future__ import annotations
 
 import warnings
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -35,11 +36,24 @@ from typing import Any, Literal
 import torch
 
 from pretrain import checkpoint
-from pretrain.compressed import CompressedDirError, is_compressed_dir, load_compressed
+from pretrain.compressed import (
+    CompressedDirError,
+    config_of,
+    is_compressed_dir,
+    load_compressed,
+    read_info,
+)
 from pretrain.config import ConfigError
-from pretrain.data.shards import Manifest, fetch, resolve
+from pretrain.data.shards import DataError, Manifest, data_tokenizer
 from pretrain.model import GPT, GPTConfig
-from pretrain.tokenizer import Tokenizer
+from pretrain.tokenizer import (
+    TextTokenizer,
+    TokenizerError,
+    describe,
+    differences,
+    find_tokenizer,
+    load_tokenizer,
+)
 
 Kind = Literal["checkpoint", "hf", "compressed"]
 KINDS = (
@@ -50,64 +64,6 @@ KINDS = (
 
 class SourceError(ConfigError):
     """A path that holds no usable model, or a model that does not fit where it is used."""
-
-
-class TextTokenizer(ABC):
-    """What callers need of a model's tokenizer, whatever it is stored as."""
-
-    eos_id: int
-    bos_id: int  # -1: none
-    sha256: str | None = None  # of the sentencepiece model file, when there is one
-
-    @abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, nothing added."""
-
-    @abstractmethod
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; special ids decode to nothing."""
-
-    @abstractmethod
-    def pieces(self) -> list[str]:
-        """The vocabulary, by id."""
-
-
-class SentencePieceText(TextTokenizer):
-    def __init__(self, path: Path) -> None:
-        self.tok = Tokenizer(path)
-        self.eos_id, self.bos_id, self.sha256 = self.tok.eos_id, self.tok.bos_id, self.tok.sha256
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(ids)
-
-    def pieces(self) -> list[str]:
-        return [self.tok.sp.id_to_piece(i) for i in range(self.tok.vocab_size)]
-
-
-class HFText(TextTokenizer):
-    """A transformers tokenizer (tokenizer.json). No BOS or EOS is added to encoded text."""
-
-    def __init__(self, path: Path) -> None:
-        from pretrain.hf import quiet_import
-
-        quiet_import()
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.eos_id = int(self.tok.eos_token_id)
-        self.bos_id = int(self.tok.bos_token_id if self.tok.bos_token_id is not None else -1)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tok.decode(list(ids), skip_special_tokens=True))
-
-    def pieces(self) -> list[str]:
-        return list(self.tok.convert_ids_to_tokens(list(range(len(self.tok)))))
 
 
 @dataclass
@@ -141,18 +97,26 @@ def detect(path: str | Path) -> Kind:
 
 
 def tokenizer_file(ckpt: Path) -> Path:
-    """The sentencepiece model of a checkpoint: the run directory's copy, else its data dir's."""
-    for cand in (ckpt / "tokenizer.model", ckpt.parent.parent / "tokenizer.model"):
-        if cand.is_file():
-            return cand
+    """Where a checkpoint's tokenizer is (what `load_tokenizer` reads): the run directory's
+    copy (tokenizer.model, or tokenizer/ for a Hugging Face tokenizer), else its data dir's."""
+    for d in (ckpt, ckpt.parent.parent):
+        if (found := find_tokenizer(d)) is not None:
+            return found
     data_dir = (checkpoint.read_config(ckpt).get("data") or {}).get("dir")
-    if data_dir and (Path(data_dir) / "tokenizer.model").is_file():
-        return Path(data_dir) / "tokenizer.model"
+    if data_dir and (found := find_tokenizer(data_dir)) is not None:
+        return found
     raise SourceError(
-        f"no tokenizer.model next to {ckpt}, in its run directory or in its data dir "
-        f"({data_dir or 'none recorded'}): copy the tokenizer the run was trained with to "
-        f"{ckpt.parent.parent / 'tokenizer.model'}"
+        f"no tokenizer next to {ckpt}, in its run directory or in its data dir "
+        f"({data_dir or 'none recorded'}): copy the tokenizer the run was trained with into "
+        f"{ckpt.parent.parent} (tokenizer.model, or the tokenizer/ directory of its data dir)"
     )
+
+
+def _tokenizer(path: Path) -> TextTokenizer:
+    try:
+        return load_tokenizer(path)
+    except TokenizerError as e:
+        raise SourceError(str(e)) from e
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
@@ -164,10 +128,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
             cfg, model, info = load_compressed(src)
         except CompressedDirError as e:
             raise SourceError(str(e)) from e
-        if (src / "tokenizer.model").is_file():
-            tok: TextTokenizer | None = SentencePieceText(src / "tokenizer.model")
-        else:
-            tok = HFText(src) if (src / "tokenizer.json").is_file() else None
+        found = find_tokenizer(src)
+        tok: TextTokenizer | None = _tokenizer(found) if found is not None else None
         return Pretrained(kind, src, cfg, model.to(device).eval(), tok, info)
     if kind == "checkpoint":
         try:
@@ -176,7 +138,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
             weights = checkpoint.load_model_weights(ckpt)
         except checkpoint.CheckpointError as e:
             raise SourceError(str(e)) from e
-        tok = SentencePieceText(tokenizer_file(ckpt))
+        tok = _tokenizer(tokenizer_file(ckpt))
         src = ckpt
     else:
         from pretrain import hf
@@ -186,12 +148,28 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
             cfg, weights = hf.load_hf(src)
         except hf.HFError as e:
             raise SourceError(str(e)) from e
-        has_tok = (src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file()
-        tok = HFText(src) if has_tok else None
+        found = find_tokenizer(src)
+        tok = _tokenizer(found) if found is not None else None
     model = GPT(cfg)
     model.load_state_dict(weights)
     del weights
     return Pretrained(kind, src, cfg, model.to(device).eval(), tok)
+
+
+def source_config(path: str | Path) -> GPTConfig:
+    """The architecture stored at `path` (any kind), read without its weights: what a run
+    started from it (`train.init_from`) is built as."""
+    from pretrain import hf
+
+    kind = detect(path)
+    try:
+        if kind == "checkpoint":
+            return GPTConfig(**checkpoint.read_config(checkpoint.resolve(path))["model"])
+        if kind == "compressed":
+            return config_of(read_info(path))
+        return hf.read_config(path)
+    except (checkpoint.CheckpointError, CompressedDirError, hf.HFError) as e:
+        raise SourceError(str(e)) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,49 +177,49 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
 # ---------------------------------------------------------------------------------------------
 
 
-def data_pieces(manifest: Manifest, *, allow_pipe: bool = False) -> list[str]:
-    """The pieces of the sentencepiece model a data dir was prepared with."""
-    import sentencepiece as spm
-
-    proto = fetch(resolve(manifest.source, manifest.tokenizer, allow_pipe=allow_pipe))
-    sp = spm.SentencePieceProcessor(model_proto=proto)
-    return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+def check_vocab_fits(model_rows: int, manifest: Manifest) -> None:
+    """Refuse data whose token ids can reach past the model's `model_rows` embedding rows
+    (its vocab_size: the padded rows are never a valid token)."""
+    if manifest.vocab_size > model_rows:
+        raise SourceError(
+            f"{manifest.source} was prepared with a tokenizer of {manifest.vocab_size:,} ids but "
+            f"the model has {model_rows:,} embedding rows: ids {model_rows:,} and above have no "
+            f"embedding. Prepare the data with the model's own tokenizer, or give the model at "
+            f"least {manifest.vocab_size:,} rows"
+        )
 
 
 def check_tokenizer(p: Pretrained, manifest: Manifest, *, allow_pipe: bool = False) -> None:
-    """Refuse a data dir whose token ids mean other text than the model's tokenizer says."""
-    fix = (
-        "use a data dir prepared with the model's tokenizer (`python -m pretrain.prepare "
-        "input=<your corpus> output=<new dir> tokenizer.path=<the model's tokenizer.model>`)"
-    )
+    """Refuse a data dir whose token ids mean other text than the model's tokenizer says, or
+    reach past its embedding rows."""
     if p.tokenizer is None:
-        if p.config.vocab_size < manifest.vocab_size:
-            raise SourceError(
-                f"{p.path} has {p.config.vocab_size} token ids but {manifest.source} uses "
-                f"{manifest.vocab_size}: they were not made with the same tokenizer; {fix}"
-            )
+        check_vocab_fits(p.config.vocab_size, manifest)
         warnings.warn(
             f"{p.path} has no tokenizer: cannot check that {manifest.source} was tokenized the "
             "way the model was trained",
             stacklevel=2,
         )
         return
-    if p.tokenizer.sha256 is not None:
-        if p.tokenizer.sha256 == manifest.tokenizer_sha256:
-            return
-        differs = f"sha256 {p.tokenizer.sha256[:12]} vs {manifest.tokenizer_sha256[:12]}"
-    else:
-        ours, theirs = p.tokenizer.pieces(), data_pieces(manifest, allow_pipe=allow_pipe)
-        if ours == theirs:
-            return
-        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-        differs = f"{len(ours)} vs {len(theirs)} pieces" + (
-            f", id {first} is {ours[first]!r} vs {theirs[first]!r}" if first is not None else ""
-        )
-    raise SourceError(
-        f"the model {p.path} was trained with another tokenizer than the one {manifest.source} "
-        f"was prepared with ({differs}): {fix}"
-    )
+    if p.tokenizer.sha256 != manifest.tokenizer_sha256:
+        try:
+            why = differences(p.tokenizer, data_tokenizer(manifest, allow_pipe=allow_pipe))
+        except DataError as e:
+            raise SourceError(str(e)) from e
+        if why is not None:
+            data = describe(
+                manifest.tokenizer_kind,
+                f"{manifest.source}/{manifest.tokenizer}",
+                manifest.tokenizer_sha256,
+                manifest.vocab_size,
+            )
+            raise SourceError(
+                f"the model {p.path} was trained with another tokenizer than the one "
+                f"{manifest.source} was prepared with ({why}): the model's is "
+                f"{p.tokenizer.describe()}, the data's is "
+                f"{data}. Prepare the data with the model's tokenizer: python -m pretrain.prepare "
+                f"input=<your corpus> output=<new dir> tokenizer.path={p.tokenizer.path}"
+            )
+    check_vocab_fits(p.config.vocab_size, manifest)
 
 
 # Architecture fields, with the resolved value to compare (0 in n_kv_head / mlp_hidden means a
@@ -265,11 +243,40 @@ ARCHITECTURE: dict[str, Any] = {
     "head_size": lambda c: c.head_dim,
     "layer_heads": lambda c: [c.heads_of(i) for i in range(c.n_layer)],
     "layer_mlp_hidden": lambda c: [c.mlp_hidden_of(i) for i in range(c.n_layer)],
+    "qkv_bias": lambda c: c.qkv_bias,
+    "qk_norm": lambda c: c.qk_norm,
+    "rope_scaling": lambda c: c.rope_scaling if c.pos_emb == "rope" else None,
+    "rope_factor": lambda c: _llama3(c, c.rope_factor),
+    "rope_low_freq_factor": lambda c: _llama3(c, c.rope_low_freq_factor),
+    "rope_high_freq_factor": lambda c: _llama3(c, c.rope_high_freq_factor),
+    "rope_original_max_len": lambda c: _llama3(c, c.rope_original_max_len),
+    "sliding_window": lambda c: c.sliding_window,
+    # Not the computation but the class the run's exports are written as: the source's.
+    "hf_model_type": lambda c: _export_type(c),
 }
 
 
-# 0 / empty = a rule over the other fields
-DERIVED = ("n_kv_head", "mlp_hidden", "head_size", "layer_heads", "layer_mlp_hidden")
+# 0 / empty = a rule over the other fields; the llama3 numbers and the export type follow
+# from rope_scaling and the options, so they are named only when those agree.
+DERIVED = (
+    "n_kv_head", "mlp_hidden", "head_size", "layer_heads", "layer_mlp_hidden", "rope_factor",
+    "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "hf_model_type",
+)  # fmt: skip
+
+
+def _llama3(cfg: GPTConfig, value: float) -> float | None:
+    """A llama3 rope_scaling number of `cfg`, None where that rule is not on."""
+    return value if cfg.rope_scaling == "llama3" else None
+
+
+def _export_type(cfg: GPTConfig) -> str | None:
+    """The transformers model type an HF export of `cfg` writes (None: no stock class fits)."""
+    from pretrain.hf import HFError, family
+
+    try:
+        return family(cfg)
+    except HFError:
+        return cfg.hf_model_type or None
 
 
 def architecture_mismatches(source: GPTConfig, target: GPTConfig) -> list[tuple[str, Any, Any]]:
@@ -289,10 +296,17 @@ def architecture_mismatches(source: GPTConfig, target: GPTConfig) -> list[tuple[
 def weights_for(p: Pretrained, target: GPTConfig) -> dict[str, torch.Tensor]:
     """The source's state dict shaped for a model built from `target` (same architecture; the
     vocabulary padding may differ, and padded rows never change an output), in fp32: int8
-    weights are dequantised."""
+    weights are dequantised. The real rows are the source's vocab_size (an HF source's config
+    rows, which may exceed its tokenizer's ids): `target` must have them all."""
     from pretrain.hf import pad_vocab
     from pretrain.quantize import dequantized
 
+    if target.vocab_size != p.config.vocab_size:
+        raise SourceError(
+            f"model.vocab_size={target.vocab_size} but {p.path} has {p.config.vocab_size} "
+            f"embedding rows: set model.vocab_size={p.config.vocab_size} (every row takes part "
+            "in the softmax, used by the tokenizer or not)"
+        )
     sd = dequantized(p.model.state_dict())
     rows = target.padded_vocab_size
     sd["transformer.wte.weight"] = pad_vocab(sd["transformer.wte.weight"], rows)
@@ -312,16 +326,21 @@ def load_for_init(
     # The tokenizer first: another tokenizer also means another vocabulary size, and that is
     # its cause, not a model.vocab_size to change.
     check_tokenizer(p, manifest, allow_pipe=allow_pipe)
-    bad = architecture_mismatches(p.config, target)
+    refuse_mismatches(source, architecture_mismatches(p.config, target))
+    return p, weights_for(p, target)
+
+
+def refuse_mismatches(source: str, bad: list[tuple[str, Any, Any]]) -> None:
+    """SourceError naming each `model.*` key that contradicts the source (key, ours, its),
+    with the overrides that would agree; nothing when `bad` is empty."""
     if bad:
         raise SourceError(
             f"train.init_from={source}: model.* disagrees with the source's architecture: "
             + "; ".join(f"model.{k}={t} but the source has {s}" for k, t, s in bad)
             + ". Set them to the source's values ("
             + " ".join(f"model.{k}={_override(s)}" for k, _, s in bad)
-            + ") or pick the model preset it was trained with"
+            + ") or leave them out: a run started from weights is built as its source"
         )
-    return p, weights_for(p, target)
 
 
 def _override(value: Any) -> str:

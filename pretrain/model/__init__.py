@@ -5,9 +5,10 @@ The package holds one network and the pieces around it, each in its own module:
     config.py    `GPTConfig`: every architecture switch, its checks (`validate`) and the sizes
                  derived from it (head size, MLP width, padded vocabulary, per-layer shapes).
                  The network reads its options from here only.
-    gpt.py       the network: `RMSNorm`/LayerNorm, rotary position embeddings (`rope_cos_sin`,
-                 `apply_rope`), `CausalSelfAttention`, `MLP`, `Block` and the `GPT` module
-                 (parameter layout and shapes in its docstring).
+    gpt.py       the network: `RMSNorm`/LayerNorm, rotary position embeddings (their one
+                 frequency rule `rope_frequencies`, `rope_cos_sin`, `apply_rope`),
+                 `CausalSelfAttention`, `MLP`, `Block` and the `GPT` module (parameter
+                 layout and shapes in its docstring).
     loss.py      the output projection `LMHead` and the chunked cross-entropy, which never
                  materialises the [B, T, V] fp32 logits during training.
     init.py      initial values, a pure function of a seed and each parameter's name
@@ -21,7 +22,15 @@ code builds a `GPT` from a `GPTConfig` and wraps it. The public names are re-exp
 `from pretrain.model import GPT, GPTConfig` is the usual import.
 """
 
-from pretrain.model.config import MLPS, NORMS, POS_EMBS, SWIGLU_MULTIPLE_OF, GPTConfig
+from pretrain.model.config import (
+    HF_MODEL_TYPES,
+    MLPS,
+    NORMS,
+    POS_EMBS,
+    ROPE_SCALINGS,
+    SWIGLU_MULTIPLE_OF,
+    GPTConfig,
+)
 from pretrain.model.generate import KVCache, filter_logits, sample_next
 from pretrain.model.gpt import (
     GPT,
@@ -32,17 +41,20 @@ from pretrain.model.gpt import (
     apply_rope,
     make_norm,
     rope_cos_sin,
+    rope_frequencies,
 )
 from pretrain.model.init import param_seed
 from pretrain.model.loss import LOSS_CHUNK_BYTES, LMHead, chunked_cross_entropy
 
 __all__ = [
     "GPT",
+    "HF_MODEL_TYPES",
     "LOSS_CHUNK_BYTES",
     "MLP",
     "MLPS",
     "NORMS",
     "POS_EMBS",
+    "ROPE_SCALINGS",
     "SWIGLU_MULTIPLE_OF",
     "Block",
     "CausalSelfAttention",
@@ -56,5 +68,6 @@ __all__ = [
     "make_norm",
     "param_seed",
     "rope_cos_sin",
+    "rope_frequencies",
     "sample_next",
 ]

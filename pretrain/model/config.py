@@ -15,6 +15,10 @@ from typing import Any
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POS_EMBS = ("learned", "rope")
+ROPE_SCALINGS = ("none", "llama3")
+# The transformers model types a model can be exported as (`hf_model_type`); pretrain.hf maps
+# each of them both ways.
+HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 # SwiGLU hidden width is rounded up to a multiple of this (see GPTConfig.mlp_hidden_size).
 SWIGLU_MULTIPLE_OF = 64
 
@@ -71,6 +75,34 @@ class GPTConfig:
     layer_mlp_hidden: list[int] = field(default_factory=list)
     """MLP hidden width of each block, one entry per layer (empty = mlp_hidden_size in every
     layer)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections only (Qwen2), in a model without other
+    biases (bias=false; with bias=true they are there already)."""
+    qk_norm: bool = False
+    """RMSNorm of every head's query and key before RoPE (Qwen3): one [head_dim] gain for the
+    queries and one for the keys, shared by the heads."""
+    rope_scaling: str = "none"
+    """RoPE frequency rule: "none" (rope_theta ** (-2i / head_dim)) or "llama3" (Llama 3.1+:
+    wavelengths longer than rope_original_max_len / rope_low_freq_factor are rope_factor times
+    longer, those shorter than rope_original_max_len / rope_high_freq_factor are kept, and a
+    smooth ramp joins the two)."""
+    rope_factor: float = 8.0
+    """llama3 rope_scaling: how many times longer the long wavelengths become."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 rope_scaling: wavelengths above rope_original_max_len / this are scaled fully."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 rope_scaling: wavelengths below rope_original_max_len / this are not scaled."""
+    rope_original_max_len: int = 8192
+    """llama3 rope_scaling: the context length the model was first trained at."""
+    sliding_window: int = 0
+    """Attention window of a source model (Mistral: a query sees its last sliding_window keys);
+    0 = none. Only a window that never binds is computed: it must be >= block_size, so every
+    sequence gets the full causal mask (longer ones are refused)."""
+    hf_model_type: str = ""
+    """The transformers model type to export as (gpt2, llama, mistral, qwen2, qwen3); empty =
+    derived from the options: gpt2 for learned positions, llama for RoPE (qwen2 with qkv_bias,
+    qwen3 with qk_norm, mistral with a sliding_window). Reading an HF directory sets it where
+    that rule would derive another type (a Mistral without a window)."""
 
     # -- derived sizes (properties, not fields: Hydra ignores them) ---------------------------
 
@@ -189,6 +221,7 @@ class GPTConfig:
             )
         if self.pos_emb == "rope" and self.rope_theta <= 0:
             errors.append(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        errors += self._family_errors()
         if not 0.0 <= self.dropout < 1.0:
             errors.append(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0:
@@ -202,6 +235,49 @@ class GPTConfig:
         if errors:
             raise ValueError("invalid model config:\n  - " + "\n  - ".join(errors))
         return self
+
+    def _family_errors(self) -> list[str]:
+        """The checks of the options that open model families differ by (validate's part)."""
+        errors: list[str] = []
+        if self.qkv_bias and self.bias:
+            errors.append(
+                "model.qkv_bias=true adds query/key/value biases to a model without biases; "
+                "model.bias=true has them already: leave qkv_bias false"
+            )
+        if self.rope_scaling not in ROPE_SCALINGS:
+            errors.append(f"model.rope_scaling={self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
+        elif self.rope_scaling != "none" and self.pos_emb != "rope":
+            errors.append(
+                f"model.rope_scaling={self.rope_scaling} scales RoPE frequencies: it needs "
+                "model.pos_emb=rope"
+            )
+        if self.rope_scaling == "llama3" and not (
+            self.rope_factor > 0
+            and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+            and self.rope_original_max_len > 0
+        ):
+            errors.append(
+                "llama3 rope_scaling needs model.rope_factor > 0, 0 < model.rope_low_freq_factor "
+                "< model.rope_high_freq_factor and model.rope_original_max_len > 0; got "
+                f"{self.rope_factor}, {self.rope_low_freq_factor}, {self.rope_high_freq_factor}, "
+                f"{self.rope_original_max_len}"
+            )
+        if self.sliding_window < 0:
+            errors.append(
+                f"model.sliding_window must be >= 0 (0 = none), got {self.sliding_window}"
+            )
+        elif 0 < self.sliding_window < self.block_size:
+            errors.append(
+                f"model.sliding_window={self.sliding_window} < model.block_size="
+                f"{self.block_size}: the window would bind on longer sequences, and only a full "
+                "causal mask is computed; set model.block_size <= model.sliding_window"
+            )
+        if self.hf_model_type not in ("", *HF_MODEL_TYPES):
+            errors.append(
+                f"model.hf_model_type={self.hf_model_type!r} is not one of {HF_MODEL_TYPES} "
+                "(or empty: derived from the options)"
+            )
+        return errors
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> GPTConfig:

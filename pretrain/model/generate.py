@@ -84,10 +84,11 @@ def generate(
 
     Context length: without the cache, the model sees the last block_size tokens (older ones
     are cropped). With the cache (the default, O(T) per token instead of O(T^2)), the cache
-    holds block_size positions: a prompt longer than that is cropped to its last block_size
-    tokens, and generation STOPS when the cache is full, i.e. after at most
-    block_size - min(T0, block_size) + 1 new tokens. Within that range the cached and
-    uncached paths compute the same thing. Returns [B, T0 + n_new].
+    holds up to block_size positions (no more than the prompt and the new tokens need, so a
+    model with a 128k-position block_size allocates only what it uses): a prompt longer than
+    that is cropped to its last block_size tokens, and generation STOPS when the cache is
+    full, i.e. after at most block_size - min(T0, block_size) + 1 new tokens. Within that
+    range the cached and uncached paths compute the same thing. Returns [B, T0 + n_new].
 
     Runs in eval mode (dropout off) and restores the previous mode afterwards."""
     if max_new_tokens < 0:
@@ -122,11 +123,14 @@ def _generate(
     """The sampling loop of `generate`, whose arguments it takes already checked."""
     V, block = model.cfg.vocab_size, model.cfg.block_size
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    cache = new_kv_cache(model.cfg) if use_cache else None
+    prompt = idx[:, -block:]
+    # The prompt and every new token but the last (which is sampled, never fed back).
+    needed = min(block, prompt.size(1) + max(0, max_new_tokens - 1))
+    cache = new_kv_cache(model.cfg, needed) if use_cache else None
     logits = None
     if cache is not None and max_new_tokens > 0:
         # Prefill: run the (cropped) prompt once, filling the cache.
-        logits, _ = model(idx[:, -block:], kv_cache=cache)
+        logits, _ = model(prompt, kv_cache=cache)
     for _ in range(max_new_tokens):
         if cache is None:
             logits, _ = model(idx[:, -block:])  # crop the context to the last block_size

@@ -5,7 +5,11 @@ pre-LayerNorm blocks with biases, a tanh-approximated GELU MLP of width 4*d and 
 projection tied to the token embedding. Configuration switches (`GPTConfig`, read here and
 nowhere else) turn on the Llama-style options: rotary position embeddings (RoPE), RMSNorm, a
 SwiGLU MLP, no biases, grouped-query attention (GQA, fewer key/value heads than query heads)
-and an untied output projection.
+and an untied output projection; and the options the open model families add on top of Llama:
+biases on q/k/v alone (Qwen2), an RMSNorm of each head's q and k (Qwen3), a head size apart
+from n_embd / n_head (Qwen3), the llama3 RoPE frequency rule (Llama 3.1+). A family is a set of
+values of these switches (`pretrain.hf` maps each to its transformers class), not a copy of
+the network.
 
 Shapes in comments: B = batch, T = sequence length (this chunk), S = key length (T, or the
 cache fill plus T when decoding), C = n_embd, H = n_head, Hkv = n_kv_head (of the block: a
@@ -18,7 +22,9 @@ which wraps `transformer.h[i]` blocks without the model knowing):
     transformer.wte            token embedding             [V, C]
     transformer.wpe            position embedding          [block_size, C]   (learned only)
     transformer.h.{i}.ln_1     norm before attention
-    transformer.h.{i}.attn.c_attn   fused q|k|v projection [(H + 2*Hkv) * D, C]
+    transformer.h.{i}.attn.c_attn   fused q|k|v projection [(H + 2*Hkv) * D, C] (bias with
+                                                            bias or qkv_bias)
+    transformer.h.{i}.attn.q_norm, k_norm  q/k norm gains  [D]  (qk_norm only)
     transformer.h.{i}.attn.c_proj   attention output       [C, H * D]  (H * D = C unless heads
                                                             were pruned away)
     transformer.h.{i}.ln_2     norm before the MLP
@@ -36,6 +42,7 @@ them without changing any output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,21 +90,32 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_frequencies(
-    head_dim: int, theta: float, device: torch.device | None = None
-) -> torch.Tensor:
-    """The rotation frequency of each channel pair i < D/2: theta ** (-2i / D), [D/2] float32.
+def rope_frequencies(cfg: GPTConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The rotation frequency of each channel pair i < D/2, [D/2] float32: rope_theta ** (-2i/D),
+    then the model's `rope_scaling` rule.
 
     RoPE's frequencies come from here alone, so that another frequency rule is a change to
-    this function, not to the tables or the attention."""
-    return 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    )
+    this function, not to the tables or the attention. llama3 (Llama 3.1+) makes the long
+    wavelengths, which never turned a full circle within the original context
+    (rope_original_max_len), rope_factor times longer, keeps the short ones and blends in
+    between. It runs the same float32 steps as transformers' llama3 rule, so the frequencies
+    are theirs bit for bit."""
+    D = cfg.head_dim
+    exponent = torch.arange(0, D, 2, device=device, dtype=torch.float32) / D
+    inv_freq = 1.0 / (cfg.rope_theta**exponent)
+    if cfg.rope_scaling != "llama3":
+        return inv_freq
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)  # 0 at old_len/low, 1 at old_len/high
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    between = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(between, smoothed, scaled)
 
 
-def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for rotary embeddings at the given integer positions.
 
     positions: [T] -> cos, sin: [T, D] in float32 (each frequency repeated for both halves,
@@ -107,7 +125,7 @@ def rope_cos_sin(
     product (negligible next to the matmuls), and it avoids two classic bugs with buffers:
     `model.to(bfloat16)` (DeepSpeed/FSDP casting the module) would round the angles of late
     positions to bf16, and a model built on the meta device would need them recomputed."""
-    inv_freq = rope_frequencies(head_dim, theta, positions.device)  # [D/2]
+    inv_freq = rope_frequencies(cfg, positions.device)  # [D/2]
     angles = torch.outer(positions.float(), inv_freq)  # [T, D/2]
     angles = torch.cat((angles, angles), dim=-1)  # [T, D]
     return angles.cos(), angles.sin()
@@ -139,11 +157,15 @@ class CausalSelfAttention(nn.Module):
         # One fused projection for q, k and v (one matmul instead of three). Output rows are laid
         # out [q: H*D | k: Hkv*D | v: Hkv*D]; with Hkv = H this is exactly GPT-2's c_attn.
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=cfg.bias)
+        self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=cfg.bias or cfg.qkv_bias)
         # Writes into the residual stream: scaled init (see `init_rules`).
         self.c_proj = mark_residual_proj(
             nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
         )
+        # q/k norm (Qwen3): each head's query and key RMS-normalised over its D channels, with
+        # one [D] gain for all query heads and one for all key heads.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -155,8 +177,11 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+        q, k = q.view(B, T, H, D), k.view(B, T, Hkv, D)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over each head's D channels, before RoPE
+        q = q.transpose(1, 2)  # [B, H, T, D]
+        k = k.transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
         if rope is not None:
             cos, sin = rope  # [T, D], already at the absolute positions of this chunk
@@ -348,9 +373,15 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.cfg.block_size:
+            window = self.cfg.sliding_window == self.cfg.block_size
             raise ValueError(
-                f"sequence of {start + T} tokens is longer than block_size={self.cfg.block_size}: "
-                "crop the input (or raise model.block_size)"
+                f"sequence of {start + T} tokens is longer than block_size={self.cfg.block_size}"
+                + (
+                    " = model.sliding_window (beyond it the source model's attention window "
+                    "would apply, which this model does not compute): crop the input"
+                    if window
+                    else ": crop the input (or raise model.block_size)"
+                )
             )
         pos = torch.arange(start, start + T, device=idx.device)  # [T]
 
@@ -359,7 +390,7 @@ class GPT(nn.Module):
         if self.cfg.pos_emb == "learned":
             x = x + self.transformer.wpe(pos)  # [T, C] broadcast over B
         else:
-            rope = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
+            rope = rope_cos_sin(pos, self.cfg)
         x = self.transformer.drop(x)
 
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()

@@ -9,8 +9,16 @@ phase of a run (init, train, save, resume, on the device and in host memory), an
 the cheapest one, in communication, whose every phase fits the device.
 
     sizes.py      parameter counts of the real model, built on the meta device
-    estimate.py   the cost model: model states, activations, buffers, the peak of each phase
-                  (its docstring derives every formula); `estimate(...)` is the Python API
+    costs.py      the cost model: model states, activations, buffers, the peak of each phase
+                  (its docstring derives every formula)
     recommend.py  the cheapest strategy, in communication, that fits
     cli.py        the command line above (Hydra), run by `__main__.py`
+
+The Python API: `estimate(model_cfg, strategy, world_size, ...)` (a `MemoryEstimate` per rank)
+and `recommend(...)`, importable from here.
 """
+
+from pretrain.plan.costs import MemoryEstimate, estimate
+from pretrain.plan.recommend import Recommendation, recommend
+
+__all__ = ["MemoryEstimate", "Recommendation", "estimate", "recommend"]

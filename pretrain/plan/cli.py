@@ -14,7 +14,7 @@ from typing import Any
 
 from pretrain.config import STRATEGIES
 from pretrain.model import GPTConfig
-from pretrain.plan.estimate import GB, REDUCE_BUCKET_SIZE, check_layout, estimate
+from pretrain.plan.costs import GB, REDUCE_BUCKET_SIZE, check_layout, estimate
 from pretrain.plan.recommend import Recommendation, recommend
 from pretrain.plan.sizes import model_sizes
 

@@ -68,8 +68,12 @@ of an activation (2 in 16-bit, 4 in fp32) and r = bytes of the residual stream (
 runs an fp32 model, i.e. single/ddp, else c):
 
     norms        2 · r·h                       LayerNorm input (RMSNorm: 2 · (4 + r)·h, fp32 math)
-    attention    c · (h + (h + 2·h_kv) + h)    c_attn input, q|k|v, SDPA output = c_proj input
-                 + c · (h + h_kv) with RoPE    rotated q and k
+    attention    c · (h + (h_q + 2·h_kv) + h_q) c_attn input, q|k|v, SDPA output = c_proj
+                                               input (h_q = a·head_dim: h unless head_size is
+                                               set apart, as Qwen3's)
+                 + (4 + c) · (h_q + h_kv)      q/k norm (qk_norm): fp32 copy (16-bit only) and
+                                               output of q and k
+                 + c · (h_q + h_kv) with RoPE  rotated q and k
                  + c · a·s without flash       the softmax probabilities [b, a, s, s]
     MLP          c · (h + 2·m)                 c_fc input, GELU input and output (m = MLP width)
                  c · (h + 4·m) for SwiGLU      c_fc input, gate|up, silu(gate), silu(gate)·up
@@ -229,15 +233,17 @@ def _per_token(cfg: GPTConfig, seq_len: int, c: int, r: int, flash: bool) -> tup
     """(one layer's stored activations, the final norm + head inputs + token ids, one fp32
     logit row) in bytes per token; the tensor inventory of the module docstring."""
     C, H = cfg.n_embd, cfg.n_head
-    ckv = cfg.kv_heads * cfg.head_dim
-    m = cfg.mlp_hidden_size
+    cq, ckv = H * cfg.head_dim, cfg.kv_heads * cfg.head_dim  # q and k/v widths (C unless
+    m = cfg.mlp_hidden_size  # head_size is set apart from n_embd / n_head)
     if cfg.norm == "rmsnorm":
         norm = (4 + r) * C + 4  # fp32 input copy + normalised output, 1/rms
     else:
         norm = r * C + 8  # input, mean and 1/std
-    attn = c * (C + (C + 2 * ckv) + C) + 4 * H  # + fp32 log-sum-exp per head
+    attn = c * (C + (cq + 2 * ckv) + cq) + 4 * H  # + fp32 log-sum-exp per head
+    if cfg.qk_norm:  # RMSNorm of q and k: an fp32 copy (16-bit), the output, 1/rms per head
+        attn += ((4 if c != 4 else 0) + c) * (cq + ckv) + 4 * (H + cfg.kv_heads)
     if cfg.pos_emb == "rope":
-        attn += c * (C + ckv)
+        attn += c * (cq + ckv)
     if not flash:
         attn += c * H * seq_len
         if cfg.dropout > 0:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pretrain.model import GPTConfig
-from pretrain.plan.estimate import GB, MemoryEstimate, estimate
+from pretrain.plan.costs import GB, MemoryEstimate, estimate
 
 # Cheapest communication first: replicated (one all-reduce of gradients) < ZeRO-1 (reduce-
 # scatter + all-gather, same volume) < ZeRO-2 < FSDP SHARD_GRAD_OP (one parameter all-gather

@@ -3,7 +3,7 @@
 One torchrun of 2 gloo processes (`plan_worker.py`) wraps a ~3.3M-parameter GPT with every
 strategy of `pretrain.engine` (DeepSpeed ZeRO really running: strategy.fallback=error), takes
 an optimizer step and measures, per rank, the bytes of the parameter, gradient and optimizer
-tensors each strategy keeps. `pretrain.plan.estimate` must match the sum within 15% and each
+tensors each strategy keeps. `pretrain.plan.costs` must match the sum within 15% and each
 category within 20% (DeepSpeed ZeRO-2 keeps the whole gradient of a parameter that straddles a
 partition boundary: +13% on this small model, nothing on a large one).
 """
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pretrain.model import GPTConfig
-from pretrain.plan.estimate import buffer_bytes, estimate
+from pretrain.plan.costs import buffer_bytes, estimate
 from pretrain.plan.sizes import model_sizes
 from tests.conftest import REPO, test_env, torchrun
 from tests.distributed.plan_worker import CASES, HSDP_REPLICAS, MICRO_BATCH, MODEL, SEQ_LEN

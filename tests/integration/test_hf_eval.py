@@ -132,10 +132,10 @@ def test_eval_run_and_export_agree_and_match_an_independent_count(
 
     # Independently: transformers' model on the same windows (EOS + document, disjoint chunks
     # of block_size predictions), and the bytes of the decoded documents.
-    from pretrain.tokenizer import Tokenizer
+    from pretrain.tokenizer import SentencePieceText
 
     theirs = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    sp = Tokenizer(tiny_data / "tokenizer.model")
+    sp = SentencePieceText(tiny_data / "tokenizer.model")
     block = theirs.config.max_position_embeddings
     by_len: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     n_bytes = 0
@@ -219,15 +219,15 @@ def test_eval_bad_inputs(
     for model in (rd, hf_dir):
         err = error_line(capsys, [f"checkpoint={model}", f"data.dir={other_tokenizer_data}"])
         assert "trained with another tokenizer" in err and "tokenizer.path=" in err
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    mistral = tmp_path / "mistral"
-    MistralForCausalLM(
-        MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
-    ).save_pretrained(mistral)  # fmt: skip
-    err = error_line(capsys, [f"checkpoint={mistral}", f"data.dir={tiny_data}"])
-    assert "model_type 'mistral'" in err and "GPT2LMHeadModel and LlamaForCausalLM" in err
+    gemma = tmp_path / "gemma"  # a family pretrain does not read
+    AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("gemma", vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    ).save_pretrained(gemma)  # fmt: skip
+    err = error_line(capsys, [f"checkpoint={gemma}", f"data.dir={tiny_data}"])
+    assert "model_type 'gemma'" in err and "qwen3 (Qwen3ForCausalLM)" in err
     err = error_line(capsys, [f"checkpoint={rd}", "data.dri=x"])
     assert "data.dri" in err and "Did you mean 'data.dir'" in err
     err = error_line(capsys, [f"checkpoint={rd}", "limit=abc"])

@@ -61,6 +61,20 @@ def test_tied_n_is_nanogpt_count_and_untied_n_skips_the_input_embedding():
     assert flops_per_token(untied, 16) == 6 * N + 12 * 2 * 4 * D * 16
 
 
+def test_attention_flops_use_the_explicit_head_size():
+    """Qwen3's heads are wider than n_embd / n_head: the attention term counts their real
+    width, and N counts the q/k norm gains and q/k/v biases with the rest."""
+    cfg = GPTConfig(
+        vocab_size=100, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=16,
+        head_size=8, bias=False, qkv_bias=True, qk_norm=True, norm="rmsnorm", mlp="swiglu",
+        pos_emb="rope",
+    )  # fmt: skip
+    model = GPT(cfg)
+    assert matmul_params(cfg) == model.num_params()  # tied: the output projection once
+    assert flops_per_token(cfg, 16) == 6 * model.num_params() + 12 * 2 * 4 * 8 * 16
+    assert cfg.head_dim == 8 != cfg.n_embd // cfg.n_head
+
+
 def test_flops_need_a_vocabulary():
     with pytest.raises(ValueError, match="vocab_size"):
         flops_per_token(GPTConfig(), 1024)

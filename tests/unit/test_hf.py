@@ -15,7 +15,7 @@ import torch
 from pretrain import hf
 from pretrain.data.shards import read_manifest, read_shard
 from pretrain.model import GPT, GPTConfig
-from pretrain.tokenizer import Tokenizer
+from pretrain.tokenizer import SentencePieceText, hf_tokenizer
 
 VOCAB = 512  # tests/data_fixtures.py TINY_VOCAB
 # pad_vocab_to=96: 512 ids get 64 padded rows (masked in ours, dropped in the export).
@@ -138,10 +138,10 @@ def test_mixed_configs_are_refused_naming_the_options(change: dict, blamed: list
 
 
 def test_unsupported_hf_configs_are_refused(tmp_path: Path) -> None:
-    from transformers import GPT2Config, LlamaConfig, MistralConfig
+    from transformers import AutoConfig, GPT2Config, LlamaConfig
 
-    with pytest.raises(hf.HFError, match="model_type 'mistral'"):
-        hf.from_hf_config(MistralConfig(vocab_size=64, hidden_size=32, num_attention_heads=4))
+    with pytest.raises(hf.HFError, match="model_type 'gemma'"):
+        hf.from_hf_config(AutoConfig.for_model("gemma", vocab_size=64, hidden_size=32))
     with pytest.raises(hf.HFError, match="activation_function='relu'"):
         hf.from_hf_config(
             GPT2Config(vocab_size=64, n_embd=32, n_head=4, activation_function="relu")
@@ -182,8 +182,8 @@ def tokenizers(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("tok")
-    hf.hf_tokenizer(tiny_data / "tokenizer.model", 64).save_pretrained(out)
-    return Tokenizer(tiny_data / "tokenizer.model"), AutoTokenizer.from_pretrained(out)
+    hf_tokenizer(tiny_data / "tokenizer.model", 64).save_pretrained(out)
+    return SentencePieceText(tiny_data / "tokenizer.model"), AutoTokenizer.from_pretrained(out)
 
 
 def test_tokenizer_ids_equal_sentencepiece_on_every_val_document(

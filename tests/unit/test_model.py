@@ -30,7 +30,13 @@ LLAMA_TINY = dict(
     pos_emb="rope",
     tie_embeddings=False,
 )
-ARCHS = {"gpt2": GPT2_TINY, "llama": LLAMA_TINY}
+# The options the open families add to Llama, all on: q/k/v biases (Qwen2), q/k norm and a
+# head size apart from n_embd / n_head (Qwen3), llama3 RoPE frequencies (Llama 3.x).
+OPEN_TINY = dict(
+    LLAMA_TINY, qkv_bias=True, qk_norm=True, head_size=16, rope_scaling="llama3",
+    rope_original_max_len=8, norm_eps=1e-6,
+)  # fmt: skip
+ARCHS = {"gpt2": GPT2_TINY, "llama": LLAMA_TINY, "open": OPEN_TINY}
 
 
 def make(arch: str, seed: int = 0, **over) -> GPT:
@@ -106,6 +112,13 @@ def test_parameter_names_are_gpt2_like():
         (dict(mlp="relu"), "model.mlp='relu'"),
         (dict(pos_emb="alibi"), "model.pos_emb='alibi'"),
         (dict(pos_emb="rope", n_embd=36, n_head=4), "head_dim"),
+        (dict(qkv_bias=True), "model.bias=true has them already"),
+        (dict(rope_scaling="yarn"), "model.rope_scaling='yarn'"),
+        (dict(rope_scaling="llama3"), "it needs model.pos_emb=rope"),
+        (dict(pos_emb="rope", rope_scaling="llama3", rope_low_freq_factor=4.0), "llama3 rope"),
+        (dict(sliding_window=16), "the window would bind"),
+        (dict(sliding_window=-1), "sliding_window must be >= 0"),
+        (dict(hf_model_type="gemma"), "model.hf_model_type='gemma'"),
     ],
 )
 def test_bad_config_is_refused_with_a_clear_error(over, message):
@@ -168,7 +181,7 @@ def test_meta_init_then_materialise():
     assert abs(loss.item() - math.log(61)) < 0.2
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_initial_values_are_a_pure_function_of_seed_and_name(arch):
     cfg = GPTConfig(**ARCHS[arch])
     a, b = GPT(cfg, seed=11), GPT(cfg, seed=11)
@@ -207,7 +220,7 @@ def reference_loss(model: GPT, idx: torch.Tensor, tgt: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-1)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_loss_is_cross_entropy_of_the_logits_and_padding_is_masked(arch):
     model = make(arch)
     model.lm_head.chunk_bytes = 4 * 61 * 7  # 7 rows of logits at a time: 5 chunks of 30 rows
@@ -235,7 +248,7 @@ def test_loss_is_cross_entropy_of_the_logits_and_padding_is_masked(arch):
 
 
 @pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_chunked_loss_and_gradients_equal_the_full_logits(arch, mode):
     """Every parameter's gradient through the chunked loss equals the one through the full
     [B, T, V] logits: in fp32 up to summation order, in bf16 up to bf16 rounding."""
@@ -284,7 +297,7 @@ def test_loss_is_float32_under_bf16_autocast():
     assert abs(loss.item() - ref.item()) < 0.05
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_attention_is_causal(arch):
     model = make(arch).eval()
     idx = rand_ids(model, 2, 16)
@@ -311,7 +324,7 @@ def test_gqa_matches_explicit_repeated_heads():
     x = torch.randn(2, 7, C, generator=torch.Generator().manual_seed(3))
     from pretrain.model import apply_rope, rope_cos_sin
 
-    cos, sin = rope_cos_sin(torch.arange(7), D, 10000.0)
+    cos, sin = rope_cos_sin(torch.arange(7), model.cfg)
     y = attn(x, (cos, sin))
     assert y.shape == (2, 7, C)
     # Reference: repeat each kv head for its group of H/Hkv query heads, plain softmax attention.
@@ -326,7 +339,58 @@ def test_gqa_matches_explicit_repeated_heads():
     torch.testing.assert_close(y, attn.c_proj(ref), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_open_family_options_are_switches_of_one_attention():
+    """q/k/v biases, q/k norm (per head, before RoPE, one [D] gain each) and an explicit head
+    size, against attention written out by hand."""
+    model = make("open").eval()
+    attn = model.transformer.h[0].attn
+    C, H, Hkv, D, T = 32, 4, 2, 16, 7
+    assert attn.c_attn.bias.shape == ((H + 2 * Hkv) * D,) and attn.c_proj.bias is None
+    assert model.transformer.h[0].mlp.c_fc.bias is None
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (D,)
+    assert model.init_rules()["transformer.h.0.attn.q_norm.weight"] == ("ones", 0.0)
+    with torch.no_grad():  # gains away from 1, so a norm applied in the wrong place shows
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    from pretrain.model import apply_rope, rope_cos_sin
+
+    x = torch.randn(2, T, C, generator=torch.Generator().manual_seed(3))
+    cos, sin = rope_cos_sin(torch.arange(T), model.cfg)
+    y = attn(x, (cos, sin))
+
+    def rms(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + model.cfg.norm_eps) * w
+
+    q, k, v = attn.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q = apply_rope(rms(q.view(2, T, H, D), attn.q_norm.weight).transpose(1, 2), cos, sin)
+    k = apply_rope(rms(k.view(2, T, Hkv, D), attn.k_norm.weight).transpose(1, 2), cos, sin)
+    v = v.view(2, T, Hkv, D).transpose(1, 2)
+    k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(
+        torch.ones(T, T).triu(1).bool(), float("-inf")
+    )
+    ref = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, H * D)
+    torch.testing.assert_close(y, attn.c_proj(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_generation_cache_holds_only_what_it_needs(monkeypatch: pytest.MonkeyPatch):
+    """A 128k-position model (Llama 3.x) allocates its KV cache for the prompt and the new
+    tokens, not for block_size: the same tokens as the uncached loop."""
+    from pretrain.model import generate as generation
+
+    sizes: list[int | None] = []
+    real = generation.new_kv_cache
+    monkeypatch.setattr(
+        generation, "new_kv_cache", lambda cfg, n=None: sizes.append(n) or real(cfg, n)
+    )
+    model = make("open", block_size=131072)
+    prompt = rand_ids(model, 2, 5)
+    cached = model.generate(prompt, 6, temperature=0.0)
+    assert sizes == [5 + 6 - 1]  # the last new token is sampled, never fed back
+    assert torch.equal(cached, model.generate(prompt, 6, temperature=0.0, use_cache=False))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_activation_checkpointing_gives_identical_loss_and_grads(arch):
     model = make(arch, dropout=0.1).train()
     idx, tgt = rand_ids(model, 2, 12), rand_ids(model, 2, 12, seed=2)
@@ -368,7 +432,7 @@ def test_activation_checkpointing_really_checkpoints():
 # ------------------------------------------------------------------ KV cache and generation
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_cached_logits_match_full_forward_step_by_step(arch):
     model = make(arch).eval()
     idx = rand_ids(model, 2, 20)
@@ -383,7 +447,7 @@ def test_cached_logits_match_full_forward_step_by_step(arch):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_cached_and_uncached_greedy_generation_agree(arch):
     model = make(arch)
     prompt = rand_ids(model, 3, 5)

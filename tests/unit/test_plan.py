@@ -12,7 +12,7 @@ import torch
 
 from pretrain.config import STRATEGIES
 from pretrain.model import GPT, GPTConfig
-from pretrain.plan.estimate import GB, activation_bytes, buffer_bytes, estimate, model_states
+from pretrain.plan.costs import GB, activation_bytes, buffer_bytes, estimate, model_states
 from pretrain.plan.recommend import COMM_ORDER, candidates, recommend
 from pretrain.plan.sizes import ModelSizes, model_sizes
 from tests.conftest import REPO, test_env
@@ -26,6 +26,10 @@ LLAMA: dict[str, Any] = dict(
     bias=False,
     tie_embeddings=False,
 )
+
+
+QWEN3: dict[str, Any] = dict(LLAMA, qk_norm=True, qkv_bias=True, head_size=32)
+OPEN_PRESETS = ("llama3.2-1b", "llama3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b", "smollm2-135m")
 
 
 def states_gb(strategy: str, psi: int, n: int, precision: str = "bf16", **kw) -> float:
@@ -163,7 +167,7 @@ def test_the_loss_never_holds_the_logits():
     # The chunked loss holds one chunk of logits, never the [b, s, V] fp32 logits and their
     # gradient (16 bytes x V per token, 6.6 GB at b=8, s=1024, V=50304).
     from pretrain.model import LOSS_CHUNK_BYTES
-    from pretrain.plan.estimate import loss_bytes
+    from pretrain.plan.costs import loss_bytes
 
     b, s, V, C = 8, 1024, GPT2.padded_vocab_size, GPT2.n_embd
     loss = loss_bytes(GPT2, b * s, 2, autocast_copies=False)
@@ -203,12 +207,16 @@ def _measure(cfg: GPTConfig, mode: str, ckpt: bool) -> int:
 @pytest.mark.parametrize("ckpt", [False, True])
 @pytest.mark.parametrize(
     "arch,mode",
-    [("gpt", "fp32"), ("gpt", "autocast"), ("gpt", "cast"), ("llama", "fp32"), ("llama", "cast")],
-)
+    [
+        ("gpt", "fp32"), ("gpt", "autocast"), ("gpt", "cast"), ("llama", "fp32"),
+        ("llama", "cast"), ("qwen3", "fp32"), ("qwen3", "cast"),
+    ],
+)  # fmt: skip
 def test_activation_estimate_matches_measured_peak(arch: str, mode: str, ckpt: bool):
     # fp32 = plain fp32; autocast = fp32 model under bf16 autocast (single/ddp); cast = bf16
-    # model (DeepSpeed, FSDP's param_dtype).
-    kw = LLAMA if arch == "llama" else {}
+    # model (DeepSpeed, FSDP's param_dtype). qwen3: q/k norm, q/k/v biases and heads twice as
+    # wide as n_embd / n_head.
+    kw = {"gpt": {}, "llama": LLAMA, "qwen3": QWEN3}[arch]
     cfg = GPTConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=64, block_size=128, **kw)
     measured = _measure(cfg, mode, ckpt)
     precision = "fp32" if mode == "fp32" else "bf16"
@@ -345,6 +353,50 @@ def test_presets_and_overrides_through_hydra():
         assert (cfg.model.n_layer, cfg.model.mlp) == (2, "swiglu")
         text, rec = plan_report(cfg)
         assert "vocab 32000" in text and rec is not None
+
+
+@pytest.mark.parametrize("name", OPEN_PRESETS)
+def test_open_model_presets_are_planned_with_their_real_sizes(name: str):
+    """The open-model presets as transformers builds them (on the meta device): the same
+    parameters, per block too (q/k norm gains and q/k/v biases counted), and a 128k-152k
+    vocabulary's embedding and loss in the memory figures."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from transformers import AutoModelForCausalLM
+
+    from pretrain import hf
+    from pretrain.model import LOSS_CHUNK_BYTES
+    from pretrain.plan.cli import plan_report, register
+    from pretrain.plan.costs import loss_bytes
+
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="pretrain", version_base=None):
+            cfg = compose("plan", overrides=[f"model={name}", "seq_len=4096", "micro_batch=1"])
+    finally:
+        GlobalHydra.instance().clear()
+    mc = GPTConfig.from_mapping(dict(cfg.model))
+    with torch.device("meta"):
+        theirs = AutoModelForCausalLM.from_config(hf.to_hf_config(mc, eos_id=0, pad_id=-1))
+    sizes = model_sizes(mc)
+    assert sizes.total == sum(p.numel() for p in theirs.parameters())
+    assert sizes.block == sum(p.numel() for p in theirs.model.layers[0].parameters())
+    V, C = mc.padded_vocab_size, mc.n_embd
+    assert V >= 49152 and sizes.largest_param == V * C  # the embedding
+    text, rec = plan_report(cfg)
+    assert f"{sizes.total / 1e6:.1f}M parameters" in text and f"vocab {V}" in text
+    assert rec is not None
+    # The loss holds the [V, C] weight gradient (fp32, and a bf16 chunk's), the hidden states'
+    # gradient and a chunk of V-wide logits: a few dozen rows at 128k-152k ids, never the
+    # [tokens, V] logits.
+    tokens = 4096
+    loss = loss_bytes(mc, tokens, 2, autocast_copies=False)
+    rows = LOSS_CHUNK_BYTES // (4 * mc.vocab_size)
+    assert rows < tokens / 16
+    grads = (4 + 2) * V * C + 2 * tokens * C
+    assert grads + 4 * rows * V <= loss <= grads + 4 * LOSS_CHUNK_BYTES
+    assert estimate(mc, "fsdp", 8, 1, tokens, "bf16", False).activations > loss
 
 
 # -- phases: init, train, save, resume --------------------------------------------------------
