@@ -1,15 +1,24 @@
 """The run's facts, derived once from the config before anything is built: the prepared data
 (its manifest, read here and handed to every reader of it), the batch geometry, and the model's
-architecture with the vocabulary taken from the data."""
+architecture: `model.*` with the vocabulary taken from the data, or a source's own."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
+from pretrain.checkpoint import find_resume
 from pretrain.config import Config, ConfigError, DataConfig
 from pretrain.data.format import Manifest
 from pretrain.data.shards import is_local, local_path, read_manifest
 from pretrain.model import GPTConfig
+from pretrain.pretrained import (
+    architecture_mismatches,
+    refuse_mismatches,
+    source_config,
+)
 
 
 def open_data(cfg: DataConfig) -> Manifest:
@@ -41,9 +50,14 @@ def batch_geometry(cfg: Config, world_size: int) -> tuple[int, int]:
 
 
 def model_config(cfg: Config, manifest: Manifest) -> GPTConfig:
-    """The model's architecture: `model.*`, with the vocabulary taken from the data."""
+    """The model's architecture: `model.*`, with the vocabulary taken from the data; or, for a
+    run started from trained weights (`train.init_from`), the source's (`source_model`)."""
     model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))  # type: ignore[arg-type]
-    if model_cfg.vocab_size == 0:
+    if cfg.train.init_from:
+        # Its rows are the source's; `load_for_init` checks the data's tokenizer against the
+        # source's first (another tokenizer is the cause of another vocabulary), then the rows.
+        model_cfg = source_model(cfg, model_cfg)
+    elif model_cfg.vocab_size == 0:
         model_cfg.vocab_size = manifest.vocab_size
     elif model_cfg.vocab_size < manifest.vocab_size:
         raise ConfigError(
@@ -59,3 +73,39 @@ def model_config(cfg: Config, manifest: Manifest) -> GPTConfig:
         return model_cfg.validate()
     except ValueError as e:  # the model's own validation: bad head counts, choices, ...
         raise ConfigError(str(e)) from e
+
+
+def source_model(cfg: Config, configured: GPTConfig) -> GPTConfig:
+    """A run started from trained weights is built as its source: the user does not restate
+    `model.*`. Its architecture comes from the source (or, once the run has a checkpoint to
+    resume, from that checkpoint: a requeued job does not need the source again); training
+    choices (dropout, init_std, pad_vocab_to) stay `model.*`'s. A `model.*` key set on the
+    command line (or a `model=<preset>` chosen there) that contradicts the architecture is
+    refused, key by key."""
+    resume = find_resume(Path(cfg.run.dir) / "checkpoints", cfg.checkpoint.resume)
+    source = str(resume) if resume is not None else cfg.train.init_from
+    arch = source_config(source)
+    given = command_line_model_keys()
+    bad = architecture_mismatches(arch, configured)
+    refuse_mismatches(source, [b for b in bad if "model" in given or b[0] in given])
+    return replace(
+        arch,
+        dropout=configured.dropout,
+        init_std=configured.init_std,
+        pad_vocab_to=configured.pad_vocab_to,
+    )
+
+
+def command_line_model_keys() -> set[str]:
+    """The `model.*` keys set on this run's command line (Hydra's overrides), and "model" when
+    a model preset was chosen there; empty outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = set()
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "model" or key.startswith("model."):
+            keys.add(key.removeprefix("model."))
+    return keys

@@ -1,14 +1,18 @@
 """`train.init_from`: a new run from trained weights, under every strategy family (single, and
-ddp, zero3, fsdp at 2 real ranks), from our own run and from a Hugging Face directory that
-transformers builds here; and the HF export of the zero3 and fsdp checkpoints those runs write.
+ddp, zero3, fsdp at 2 real ranks), from our own run and from Hugging Face directories of the
+open families (Llama 3, Qwen2, Qwen3, Mistral) that transformers builds here, each with its own
+kind of tokenizer and data prepared with it; and the HF export of the zero3 and fsdp
+checkpoints those runs write.
 
 The check that matters: the first step's loss (logged before any update) equals the source
 model's loss on the same batch, computed here by replaying the run's data loader, with the
-source's own code (our GPT for a run, transformers' model for an HF directory)."""
+source's own code (our GPT for a run, transformers' model for an HF directory). The runs from
+HF directories restate no `model.*`: the architecture comes from the source."""
 
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +29,6 @@ from pretrain.model import GPT, GPTConfig
 from tests.conftest import REPO, torchrun
 from tests.distributed.test_strategies import env
 
-LLAMA = [
-    "model.norm=rmsnorm", "model.mlp=swiglu", "model.pos_emb=rope", "model.bias=false",
-    "model.n_kv_head=2", "model.tie_embeddings=false", "model.mlp_hidden=128",
-]  # fmt: skip
 # fp32 losses of the debug model (2 layers, 64 wide) over 2 x 4 x 64 tokens: the source and the
 # run compute the same sums, in other orders where a strategy gathers or shards; a few
 # roundings of 2**-24 each, so 1e-5 relative has a wide margin.
@@ -52,45 +52,59 @@ def single(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def sources(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A run trained 30 steps (GPT-2 mode), and a LlamaForCausalLM that transformers builds
-    from a config (random weights: nothing can be downloaded) saved with our tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# (name, world size, strategy, source, extra overrides). A family source is paired with the
+# kind of tokenizer its models ship (tests/hf_tokenizers.py): byte-level BPE that adds a BOS
+# (Llama 3), byte-level without one (Qwen), sentencepiece-derived (Mistral).
+RUNS = [
+    ("single-llama3", 0, "single", "llama3", ["logging.wandb=true", "logging.wandb_mode=offline"]),
+    ("ddp-qwen2", 2, "ddp", "qwen2", []),
+    ("zero3-qwen3", 2, "zero3", "qwen3", []),
+    ("fsdp-mistral", 2, "fsdp", "mistral-nowindow", []),
+    ("ddp-from-run", 2, "ddp", "run", []),
+    ("zero3-from-run", 2, "zero3", "run", []),
+]
+TOKENIZER = {"llama3": "llama3", "qwen2": "qwen", "qwen3": "qwen", "mistral-nowindow": "llama2"}
+QWEN_EXTRA_ROWS = 8  # Qwen's embedding has more rows than its tokenizer has ids
 
-    from pretrain.hf import hf_tokenizer
+
+@pytest.fixture(scope="module")
+def sources(
+    tiny_data: Path, tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """A run trained 30 steps (GPT-2 mode) on the tiny data; and an HF directory per family
+    (random weights, built by transformers: nothing can be downloaded) holding its kind of
+    tokenizer, with a data dir prepared by that tokenizer next to it (`data_of`)."""
+    from pretrain.prepare import TokenizerConfig, run_prepare
+    from pretrain.tokenizer import load_tokenizer
+    from tests.data_fixtures import tiny_config
+    from tests.hf_families import save_hf_model
+    from tests.hf_tokenizers import build
 
     root = tmp_path_factory.mktemp("init_sources")
     single(cli(tiny_data, root / "run", "train.max_steps=30", "train.global_batch_tokens=0"))
-    torch.manual_seed(0)
-    hc = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=2, eos_token_id=2,
-    )  # fmt: skip
-    hf_model = LlamaForCausalLM(hc)
-    with torch.no_grad():  # norm gains of 1 would hide a norm mapped to the wrong place
-        for name, p in hf_model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    hf_model.save_pretrained(root / "llama-hf")
-    hf_tokenizer(tiny_data / "tokenizer.model", 128).save_pretrained(root / "llama-hf")
-    return {"run": root / "run", "hf": root / "llama-hf"}
+    out = {"run": root / "run"}
+    for kind in sorted(set(TOKENIZER.values())):
+        tok = build(kind, root / f"tok-{kind}")
+        cfg = tiny_config(
+            tiny_corpus, root / f"data-{kind}", tokenizer=TokenizerConfig(path=str(tok))
+        )
+        out[f"data-{kind}"] = run_prepare(cfg)
+        out[f"tok-{kind}"] = tok
+    for family, kind in TOKENIZER.items():
+        tok = load_tokenizer(out[f"tok-{kind}"])
+        rows = tok.vocab_size + (QWEN_EXTRA_ROWS if family.startswith("qwen") else 0)
+        bos = tok.bos_id if tok.bos_id >= 0 else tok.eos_id
+        src = save_hf_model(family, root / family, vocab_size=rows, bos_token_id=bos,
+                            eos_token_id=tok.eos_id, max_position_embeddings=128)  # fmt: skip
+        for f in tok.files:  # the tokenizer travels with the model, as on the hub
+            shutil.copy(f, src / f.name)
+        out[family] = src
+    return out
 
 
-# (name, world size, strategy, source, extra overrides)
-RUNS = [
-    (
-        "single-from-hf",
-        0,
-        "single",
-        "hf",
-        [*LLAMA, "logging.wandb=true", "logging.wandb_mode=offline"],
-    ),
-    ("ddp-from-run", 2, "ddp", "run", []),
-    ("zero3-from-run", 2, "zero3", "run", []),
-    ("fsdp-from-hf", 2, "fsdp", "hf", LLAMA),
-]
+def data_of(name: str, sources: dict[str, Path], tiny_data: Path) -> Path:
+    src = next(r[3] for r in RUNS if r[0] == name)
+    return sources[f"data-{TOKENIZER[src]}"] if src in TOKENIZER else tiny_data
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +114,8 @@ def started(
     root = tmp_path_factory.mktemp("init_runs")
     out = {}
     for name, nproc, strategy, src, extra in RUNS:
-        args = cli(tiny_data, root / name, f"strategy={strategy}", "train.max_steps=2",
+        data = data_of(name, sources, tiny_data)
+        args = cli(data, root / name, f"strategy={strategy}", "train.max_steps=2",
                    f"train.init_from={sources[src]}", *extra)  # fmt: skip
         proc = torchrun(nproc, args, env=env(), timeout=400) if nproc else single(args)
         assert "weights from" in proc.stdout, proc.stdout[-3000:]
@@ -158,7 +173,7 @@ def test_first_step_loss_is_the_sources(
     src = sources[next(r[3] for r in RUNS if r[0] == name)]
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]  # step 0 again: a new run, not a resumed one
-    expected = source_loss(src, first_batches(tiny_data, run))
+    expected = source_loss(src, first_batches(data_of(name, sources, tiny_data), run))
     assert rows[0]["loss"] == pytest.approx(expected, rel=REL), (rows[0]["loss"], expected)
     if src.name == "run":  # trained weights, not a fresh init (ln 512 = 6.24 nats)
         assert rows[0]["loss"] < math.log(512) - 0.5
@@ -172,28 +187,14 @@ def test_first_step_loss_is_the_sources(
     assert cfg["train"]["init_from"] == str(want.resolve())
     saved = checkpoint.read_config(run)
     assert saved["train"]["init_from"] == str(want.resolve())
+    if (src / "config.json").is_file():  # built as the source, no model.* restated
+        from pretrain.pretrained import architecture_mismatches, source_config
+
+        assert architecture_mismatches(source_config(src), GPTConfig(**cfg["model"])) == []
     if (run / "wandb").is_dir():  # and in W&B's own record of the run's config
         from tests.wandb_offline import find_offline_run, read_config
 
         assert read_config(find_offline_run(run / "wandb"))["train"]["init_from"] == str(want)
-
-
-def test_hf_source_reads_as_our_model_with_identical_logits(
-    sources: dict[str, Path], tiny_data: Path
-) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from pretrain.pretrained import load_pretrained
-
-    ours = load_pretrained(sources["hf"])
-    theirs = AutoModelForCausalLM.from_pretrained(sources["hf"]).eval()
-    x, _ = next(
-        iter(TokenLoader(tiny_data, "val", 128, 2, loop=False, num_workers=0, partitions=None))
-    )
-    with torch.no_grad():
-        a, b = ours.model(x)[0][..., :512], theirs(x).logits
-    # fp32 logits, the same weights, 64..128-term dot products: ~1e-7 apart.
-    assert (a - b).abs().max().item() <= 1e-5
 
 
 def _schedule(cfg: dict) -> object:
@@ -203,10 +204,13 @@ def _schedule(cfg: dict) -> object:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", ["zero3-from-run", "fsdp-from-hf"])
-def test_hf_export_of_two_rank_checkpoints(name: str, started: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["zero3-from-run", "fsdp-mistral"])
+def test_hf_export_of_two_rank_checkpoints(
+    name: str, started: dict, sources: dict[str, Path], tmp_path: Path
+) -> None:
     """Checkpoints written by zero3 and fsdp at 2 ranks export to HF; transformers' logits on
-    val text equal ours from the same checkpoint."""
+    val text equal ours from the same checkpoint. A run started from a Mistral directory is
+    written back as a Mistral, with the source's own tokenizer files."""
     from transformers import AutoModelForCausalLM
 
     from pretrain.data.shards import read_manifest, read_shard
@@ -225,9 +229,15 @@ def test_hf_export_of_two_rank_checkpoints(name: str, started: dict, tmp_path: P
     docs = [d for s in manifest.shards("val") for d, _ in read_shard(manifest, s)]
     x = torch.tensor(np.stack([d[:128] for d in docs if len(d) >= 128][:2]).astype(np.int64))
     with torch.no_grad():
-        a, b = ours(x)[0][..., :512], theirs(x).logits
+        b = theirs(x).logits
+        a = ours(x)[0][..., : b.shape[-1]]  # our padded rows (-inf) are not exported
     # fp32 logits, same weights, <= 128-term dot products: ~1e-7 apart.
     assert (a - b).abs().max().item() <= 1e-5
+    if name == "fsdp-mistral":
+        assert type(theirs).__name__ == "MistralForCausalLM"
+        tok = sources["tok-llama2"]
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            assert (out / f).read_bytes() == (tok / f).read_bytes(), f
 
 
 @pytest.mark.timeout(600)
@@ -263,10 +273,29 @@ def test_refusals_and_resume_precedence(
     # Nothing was written for a refused run.
     assert not (tmp_path / "a" / "checkpoints").exists()
 
+    # An HF source: a model.* key set on the command line that contradicts it is named.
+    qwen3, qwen_data = sources["qwen3"], sources["data-qwen"]
+    err = error_of(single(cli(qwen_data, tmp_path / "b", f"train.init_from={qwen3}",
+                              "model.qk_norm=false", "model.dropout=0.1"), check=False))  # fmt: skip
+    assert "model.qk_norm=False but the source has True" in err
+    assert "dropout" not in err  # a training choice, not architecture
+    # ... and data prepared with another tokenizer names both and the command that fixes it.
+    err = error_of(single(cli(tiny_data, tmp_path / "c", f"train.init_from={qwen3}"), check=False))
+    assert "sentencepiece" in err and "hf" in err
+    assert (
+        f"python -m pretrain.prepare input=<your corpus> output=<new dir> tokenizer.path={qwen3}"
+        in err
+    )
+
     # A requeued job with the same command continues its own checkpoint: init_from is for
-    # the start of a run only.
-    run = started["single-from-hf"]
-    out = single(cli(tiny_data, run, "strategy=single", "train.max_steps=3",
-                     f"train.init_from={sources['hf']}", *LLAMA))  # fmt: skip
+    # the start of a run only (and the source is not needed again).
+    run = started["single-llama3"]
+    args = cli(sources["data-llama3"], run, "strategy=single", "train.max_steps=3",
+               f"train.init_from={sources['llama3']}")  # fmt: skip
+    shutil.move(sources["llama3"], tmp_path / "moved")
+    try:
+        out = single(args)
+    finally:
+        shutil.move(tmp_path / "moved", sources["llama3"])
     assert "resumed from" in out.stdout and "weights from" not in out.stdout
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3]
