@@ -191,18 +191,54 @@ def check_vocab_fits(model_rows: int, manifest: Manifest) -> None:
 
 def check_tokenizer(p: Pretrained, manifest: Manifest, *, allow_pipe: bool = False) -> None:
     """Refuse a data dir whose token ids mean other text than the model's tokenizer says, or
-    reach past its embedding rows."""
-    if p.tokenizer is None:
-        check_vocab_fits(p.config.vocab_size, manifest)
+    reach past its embedding rows (a model without a tokenizer: warned, rows checked)."""
+    check_source_tokenizer(
+        p.path, p.tokenizer, p.config.vocab_size, manifest, allow_pipe=allow_pipe
+    )
+
+
+def source_tokenizer(path: str | Path) -> TextTokenizer | None:
+    """The tokenizer a stored model (any kind) was trained with, read without its weights;
+    None for a directory that has none."""
+    kind = detect(path)
+    if kind == "checkpoint":
+        try:
+            return _tokenizer(tokenizer_file(checkpoint.resolve(path)))
+        except checkpoint.CheckpointError as e:
+            raise SourceError(str(e)) from e
+    found = find_tokenizer(Path(path))
+    return _tokenizer(found) if found is not None else None
+
+
+def check_source_tokenizer(
+    source: str | Path,
+    tokenizer: TextTokenizer | None,
+    model_rows: int,
+    manifest: Manifest,
+    *,
+    allow_pipe: bool = False,
+    required: bool = False,
+) -> None:
+    """`check_tokenizer` for model `source` with `tokenizer` and `model_rows` embedding rows.
+    `required`: a model without a tokenizer is refused (a run started from it must read the
+    data's ids as the model did); else it is warned about."""
+    if tokenizer is None:
+        if required:
+            raise SourceError(
+                f"{source} has no tokenizer (no tokenizer.json / tokenizer.model): a run started "
+                "from it cannot check that the data reads as the model was trained. Put the "
+                "model's own tokenizer files next to its config.json"
+            )
+        check_vocab_fits(model_rows, manifest)
         warnings.warn(
-            f"{p.path} has no tokenizer: cannot check that {manifest.source} was tokenized the "
+            f"{source} has no tokenizer: cannot check that {manifest.source} was tokenized the "
             "way the model was trained",
-            stacklevel=2,
+            stacklevel=3,
         )
         return
-    if p.tokenizer.sha256 != manifest.tokenizer_sha256:
+    if tokenizer.sha256 != manifest.tokenizer_sha256:
         try:
-            why = differences(p.tokenizer, data_tokenizer(manifest, allow_pipe=allow_pipe))
+            why = differences(tokenizer, data_tokenizer(manifest, allow_pipe=allow_pipe))
         except DataError as e:
             raise SourceError(str(e)) from e
         if why is not None:
@@ -213,13 +249,13 @@ def check_tokenizer(p: Pretrained, manifest: Manifest, *, allow_pipe: bool = Fal
                 manifest.vocab_size,
             )
             raise SourceError(
-                f"the model {p.path} was trained with another tokenizer than the one "
+                f"the model {source} was trained with another tokenizer than the one "
                 f"{manifest.source} was prepared with ({why}): the model's is "
-                f"{p.tokenizer.describe()}, the data's is "
+                f"{tokenizer.describe()}, the data's is "
                 f"{data}. Prepare the data with the model's tokenizer: python -m pretrain.prepare "
-                f"input=<your corpus> output=<new dir> tokenizer.path={p.tokenizer.path}"
+                f"input=<your corpus> output=<new dir> tokenizer.path={tokenizer.path}"
             )
-    check_vocab_fits(p.config.vocab_size, manifest)
+    check_vocab_fits(model_rows, manifest)
 
 
 # Architecture fields, with the resolved value to compare (0 in n_kv_head / mlp_hidden means a
@@ -325,7 +361,9 @@ def load_for_init(
     p = load_pretrained(source)
     # The tokenizer first: another tokenizer also means another vocabulary size, and that is
     # its cause, not a model.vocab_size to change.
-    check_tokenizer(p, manifest, allow_pipe=allow_pipe)
+    check_source_tokenizer(
+        p.path, p.tokenizer, p.config.vocab_size, manifest, allow_pipe=allow_pipe, required=True
+    )
     refuse_mismatches(source, architecture_mismatches(p.config, target))
     return p, weights_for(p, target)
 

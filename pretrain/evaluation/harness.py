@@ -26,8 +26,12 @@ def _template_lm() -> type:
 class PretrainLM(_template_lm()):  # type: ignore[misc]
     """Our GPT as an lm-evaluation-harness model: any lm_eval task runs on any model
     `load_pretrained` reads, with lm_eval's own request building (`TemplateLM`) and the same
-    scoring as its HF model (`HFLM`): inputs are context + continuation cut to the last
-    block_size + 1 tokens, minus the last; an empty context is EOS."""
+    scoring as its HF model (`HFLM`) on our export: inputs are context + continuation cut to
+    the last block_size + 1 tokens, minus the last. As `HFLM` does with the exported tokenizer,
+    text is encoded with what the tokenizer puts before a document (its BOS, for a Hugging Face
+    tokenizer whose post-processor adds one: Llama 3's, Llama 2's), and an empty context is the
+    tokenizer's BOS where it has one, else EOS (our sentencepiece data: every document follows
+    an EOS, and its export names EOS as the BOS)."""
 
     def __init__(
         self,
@@ -50,6 +54,8 @@ class PretrainLM(_template_lm()):  # type: ignore[misc]
 
     @property
     def prefix_token_id(self) -> int:
+        if self.tok.kind == "hf" and self.tok.bos_id >= 0:
+            return self.tok.bos_id
         return self.tok.eos_id  # documents start after EOS (our BOS is never trained)
 
     @property
@@ -59,7 +65,8 @@ class PretrainLM(_template_lm()):  # type: ignore[misc]
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kw: Any
     ) -> list[int]:
-        return self.tok.encode(string)
+        head = self.tok.document_ends()[0] if add_special_tokens is not False else []
+        return [*head, *self.tok.encode(string)]
 
     def tok_decode(self, tokens: list[int], **kw: Any) -> str:
         return self.tok.decode(tokens)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.engine.precision import autocast
+from pretrain.quantize import model_is_quantized
 
 # (x, y) -> the mean loss over the targets y != -1: x, y [B, T] int64 on the model's device.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,10 +64,11 @@ def total_nll(
 
 def model_loss(model: nn.Module, device: torch.device, precision: str) -> LossFn:
     """The `LossFn` of a plain (unwrapped) model: eval mode, no gradients, under the autocast of
-    `precision` (fp32, bf16 or fp16). It takes the cross-entropy of the model's logits
-    ([B, T, V], fp32) rather than the model's chunked training loss: a quantized model's output
-    layer (torchao int8) computes its projection but not the chunked loss, which needs the
-    weight's transpose. Callers size their batches (`pretrain.eval`'s `batch_tokens`)."""
+    `precision` (fp32, bf16 or fp16). The model's own chunked loss, which never holds the
+    [B, T, V] logits (10 GB of fp32 for 16k tokens of a 152k vocabulary); a quantized model's
+    output layer (torchao int8) computes its projection but not the chunked loss, which needs
+    the weight's transpose, so there it is the cross-entropy of the logits."""
+    quantized = model_is_quantized(model)
 
     @torch.no_grad()
     def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -74,6 +76,8 @@ def model_loss(model: nn.Module, device: torch.device, precision: str) -> LossFn
         model.eval()
         try:
             with autocast(device, precision):
+                if not quantized:
+                    return model(x, y)[1].detach().float()
                 logits, _ = model(x)  # [B, T, V] fp32, padded vocabulary ids at -inf
         finally:
             model.train(was_training)

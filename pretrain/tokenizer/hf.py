@@ -3,9 +3,10 @@
 What a document becomes, as the model's own files say:
 
     BOS      added when the tokenizer's post-processor adds it to encoded text (Llama 3's
-             TemplateProcessing does; GPT-2's and Qwen's add nothing). tokenizer_config.json's
-             `add_bos_token` / `add_eos_token`, where set, replace the post-processor, as
-             transformers does when it loads the tokenizer.
+             TemplateProcessing does; GPT-2's and Qwen's add nothing). Where tokenizer_config.json
+             sets `add_bos_token` / `add_eos_token`, what transformers' AutoTokenizer adds
+             decides (its Llama class, for Llama 2 and Mistral, rebuilds the post-processor
+             from the flags; its generic class keeps tokenizer.json's).
     EOS      tokenizer_config.json's (else special_tokens_map.json's) `eos_token`, else
              generation_config.json's, else config.json's `eos_token_id` (the first of a list).
              Every document ends with it once, whatever the post-processor appends.
@@ -19,6 +20,7 @@ and truncation stored in tokenizer.json are switched off: a document is never cu
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,7 +105,7 @@ class HFText(TextTokenizer):
         self.tok.no_padding()
         configs = {name: self._config(contents, name, path) for name in HF_FILES[1:]}
         self.eos_id, eos_from = self._eos(configs, path)
-        self._head, self._tail = self._post_processor(configs, path)
+        self._head, self._tail = self._post_processor(configs, path, contents)
         self.add_bos = bool(self._head)
         # Tokens that prepare does not add are recorded when the vocabulary has them, -1 else.
         bos, pad, unk = (
@@ -179,12 +181,18 @@ class HFText(TextTokenizer):
         )
 
     def _post_processor(
-        self, configs: dict[str, dict[str, Any]], path: str | Path
+        self, configs: dict[str, dict[str, Any]], path: str | Path, contents: dict[str, bytes]
     ) -> tuple[list[int], list[int]]:
         """(ids before, ids after) the text of every document."""
         cfg = configs[TOKENIZER_CONFIG]
         if "add_bos_token" in cfg or "add_eos_token" in cfg:
-            # transformers rebuilds the post-processor from these two flags alone.
+            # Some of transformers' tokenizer classes (Llama's, for Llama 2 and Mistral) rebuild
+            # the post-processor from these flags; the generic one keeps tokenizer.json's. Ask
+            # transformers itself, so the data is framed as the exported model's tokenizer
+            # frames text; the flags decide where it cannot load the files.
+            found = _transformers_head(contents)
+            if found is not None:
+                return found, [self.eos_id]
             add = bool(cfg.get("add_bos_token"))
             bos = self._id_of(configs, "bos_token", path, strict=add)
             head = [bos] if add and bos is not None else []
@@ -220,6 +228,27 @@ class HFText(TextTokenizer):
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False).ids)
 
+    def encode_documents(self, docs: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
+        """As `TextTokenizer.encode_documents`, but a fine-tuning record's prompt and response
+        are encoded together, as the model reads them at inference: a tokenizer that prefixes
+        a space marker to every encoded text (Llama 2's, Mistral's, Unigram's) would otherwise
+        start the response with a token the joined text does not have. The context is the
+        head and the tokens that end within the prompt; a token straddling the boundary is
+        the response's (a target of the loss)."""
+        head, tail = self.document_ends()
+        plain = [i for i, (prompt, _) in enumerate(docs) if not prompt]
+        joint = [i for i, (prompt, _) in enumerate(docs) if prompt]
+        out: list[tuple[list[int], int]] = [([], 0)] * len(docs)
+        for i, ids in zip(plain, self.encode_batch([docs[i][1] for i in plain])):
+            out[i] = (head + ids + tail, len(head))
+        if joint:
+            texts = [docs[i][0] + docs[i][1] for i in joint]
+            for i, enc in zip(joint, self.tok.encode_batch(texts, add_special_tokens=False)):
+                cut = len(docs[i][0])
+                context = sum(1 for _, end in enc.offsets if end <= cut)
+                out[i] = (head + list(enc.ids) + tail, len(head) + context)
+        return out
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch_fast: the same ids without offsets, which nothing here uses.
         return [e.ids for e in self.tok.encode_batch_fast(list(texts), add_special_tokens=False)]
@@ -234,3 +263,31 @@ class HFText(TextTokenizer):
 
     def stored_files(self) -> list[str]:
         return [f"{HF_DIR}/{name}" for name in self.contents]
+
+
+@functools.cache
+def _transformers_head_of(items: tuple[tuple[str, bytes], ...]) -> tuple[int, ...] | None:
+    import tempfile
+
+    try:
+        from transformers import AutoTokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in items:
+                (Path(tmp) / name).write_bytes(data)
+            tok = AutoTokenizer.from_pretrained(tmp)
+        full = tok("a", add_special_tokens=True)["input_ids"]
+        bare = tok("a", add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - transformers cannot read them: the flags decide
+        return None
+    at = next(
+        (i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None
+    )
+    return tuple(full[:at]) if bare and at is not None else None
+
+
+def _transformers_head(contents: dict[str, bytes]) -> list[int] | None:
+    """The ids transformers' AutoTokenizer puts before encoded text, for these tokenizer files
+    (None where it cannot load them). Cached: prepare's workers inherit the answer."""
+    head = _transformers_head_of(tuple(sorted(contents.items())))
+    return None if head is None else list(head)

@@ -22,7 +22,7 @@ from pretrain.config import Config, to_dict
 from pretrain.data.format import DataError, Manifest
 from pretrain.data.shards import data_tokenizer
 from pretrain.model import GPTConfig
-from pretrain.tokenizer import TokenizerError, find_tokenizer, load_tokenizer
+from pretrain.tokenizer import TokenizerError, describe, find_tokenizer, load_tokenizer
 
 
 class RunDir:
@@ -44,9 +44,24 @@ class RunDir:
         resolved["model"] = dataclasses.asdict(model_cfg)
         run_tok = find_tokenizer(path) if path.is_dir() else None
         try:
-            expected = load_tokenizer(run_tok).sha256 if run_tok else manifest.tokenizer_sha256
+            own = load_tokenizer(run_tok) if run_tok else None
         except TokenizerError as e:
             raise DataError(f"the run's tokenizer copy is damaged: {e}") from e
+        expected = own.sha256 if own is not None else manifest.tokenizer_sha256
+        if own is not None and own.sha256 != manifest.tokenizer_sha256:
+            # Before anything is written: the data was tokenized for another model.
+            data = describe(
+                manifest.tokenizer_kind,
+                f"{manifest.source}/{manifest.tokenizer}",
+                manifest.tokenizer_sha256,
+                manifest.vocab_size,
+            )
+            raise DataError(
+                f"this run was trained with {own.describe()} but {manifest.source} was "
+                f"prepared with {data}: prepare the data with the run's tokenizer (python -m "
+                f"pretrain.prepare input=<your corpus> output=<new dir> tokenizer.path="
+                f"{run_tok}), or start a new run.dir for this data"
+            )
         dist.barrier()
         run_dir = cls(path, resolved, expected)
         run_dir.write_config()

@@ -16,8 +16,10 @@ from pretrain.data.shards import is_local, local_path, read_manifest
 from pretrain.model import GPTConfig
 from pretrain.pretrained import (
     architecture_mismatches,
+    check_source_tokenizer,
     refuse_mismatches,
     source_config,
+    source_tokenizer,
 )
 
 
@@ -54,9 +56,7 @@ def model_config(cfg: Config, manifest: Manifest) -> GPTConfig:
     run started from trained weights (`train.init_from`), the source's (`source_model`)."""
     model_cfg = GPTConfig(**OmegaConf.to_container(cfg.model))  # type: ignore[arg-type]
     if cfg.train.init_from:
-        # Its rows are the source's; `load_for_init` checks the data's tokenizer against the
-        # source's first (another tokenizer is the cause of another vocabulary), then the rows.
-        model_cfg = source_model(cfg, model_cfg)
+        model_cfg = source_model(cfg, model_cfg, manifest)
     elif model_cfg.vocab_size == 0:
         model_cfg.vocab_size = manifest.vocab_size
     elif model_cfg.vocab_size < manifest.vocab_size:
@@ -75,7 +75,7 @@ def model_config(cfg: Config, manifest: Manifest) -> GPTConfig:
         raise ConfigError(str(e)) from e
 
 
-def source_model(cfg: Config, configured: GPTConfig) -> GPTConfig:
+def source_model(cfg: Config, configured: GPTConfig, manifest: Manifest) -> GPTConfig:
     """A run started from trained weights is built as its source: the user does not restate
     `model.*`. Its architecture comes from the source (or, once the run has a checkpoint to
     resume, from that checkpoint: a requeued job does not need the source again); training
@@ -85,6 +85,14 @@ def source_model(cfg: Config, configured: GPTConfig) -> GPTConfig:
     resume = find_resume(Path(cfg.run.dir) / "checkpoints", cfg.checkpoint.resume)
     source = str(resume) if resume is not None else cfg.train.init_from
     arch = source_config(source)
+    if resume is None:
+        # Before anything is written: data of another tokenizer (which also means another
+        # vocabulary: that is its cause, not a model.vocab_size to change), ids past the
+        # source's rows, a source without a tokenizer.
+        check_source_tokenizer(
+            source, source_tokenizer(source), arch.vocab_size, manifest,
+            allow_pipe=cfg.data.allow_pipe, required=True,
+        )  # fmt: skip
     given = command_line_model_keys()
     bad = architecture_mismatches(arch, configured)
     refuse_mismatches(source, [b for b in bad if "model" in given or b[0] in given])

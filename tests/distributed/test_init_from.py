@@ -286,6 +286,17 @@ def test_refusals_and_resume_precedence(
         f"python -m pretrain.prepare input=<your corpus> output=<new dir> tokenizer.path={qwen3}"
         in err
     )
+    # A source without a tokenizer cannot vouch for the data's ids: refused too.
+    bare = tmp_path / "bare-qwen3"
+    shutil.copytree(
+        qwen3, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json")
+    )
+    err = error_of(single(cli(qwen_data, tmp_path / "d", f"train.init_from={bare}"), check=False))
+    assert f"{bare} has no tokenizer" in err
+    # A refused start writes nothing into its run dir (no config, no tokenizer copy), so the
+    # same command succeeds once the cause is fixed.
+    for refused in ("b", "c", "d"):  # (Hydra makes the directory itself: it stays empty)
+        assert not list((tmp_path / refused).glob("*")), refused
 
     # A requeued job with the same command continues its own checkpoint: init_from is for
     # the start of a run only (and the source is not needed again).

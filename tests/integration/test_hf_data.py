@@ -105,8 +105,10 @@ def test_other_data_is_refused_by_a_resumed_run_and_by_eval(hf_run: tuple, tiny_
     m, sp = read_manifest(data), read_manifest(tiny_data)
     # The run resumed on data of another tokenizer: its own copy decides.
     line = error_line(train_cli(tiny_data, run_dir, *STEPS[1:], "train.max_steps=9"))
-    assert f"tokenizer {m.tokenizer_sha256[:12]} does not match the shards in {tiny_data}" in line
+    assert f"this run was trained with hf {run_dir / 'tokenizer'}" in line
+    assert f"(sha256 {m.tokenizer_sha256[:12]}" in line
     assert f"sentencepiece {tiny_data}/tokenizer.model (sha256 {sp.tokenizer_sha256[:12]}" in line
+    assert f"tokenizer.path={run_dir / 'tokenizer'}" in line  # the prepare that fixes it
     # The model evaluated on data of another tokenizer: both named, and the prepare that fixes it.
     line = error_line(run("-m", "pretrain.eval", f"checkpoint={run_dir}", f"data.dir={tiny_data}"))
     assert "trained with another tokenizer" in line
@@ -114,4 +116,35 @@ def test_other_data_is_refused_by_a_resumed_run_and_by_eval(hf_run: tuple, tiny_
     assert line.endswith(
         f"python -m pretrain.prepare input=<your corpus> output=<new dir> "
         f"tokenizer.path={run_dir / 'tokenizer'}"
+    )
+
+
+def test_lm_eval_on_the_export_scores_as_our_harness(hf_run: tuple, tmp_path: Path) -> None:
+    """lm_eval's own HF model on the exported directory (its tokenizer adds the BOS, which is
+    also its prefix for an empty context) and our harness on the run: the same log-likelihoods
+    for contexts, an empty context and rolling (perplexity) requests."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from pretrain.evaluation.harness import PretrainLM
+    from pretrain.export import export_hf
+    from pretrain.pretrained import load_pretrained
+
+    _, _, run_dir = hf_run
+    out = export_hf(run_dir, tmp_path / "hf")
+    theirs = HFLM(pretrained=str(out), device="cpu", dtype="float32", batch_size=2)
+    p = load_pretrained(run_dir)
+    ours = PretrainLM(p.model, p.tokenizer, p.config.block_size, batch_size=2)
+    assert ours.prefix_token_id == theirs.prefix_token_id == p.tokenizer.bos_id
+    assert ours.tok_encode("def f(x):") == theirs.tok_encode("def f(x):")
+
+    pairs = [("def f(x):", " return x"), ("", "import os"), ("class A:\n", "    pass")]
+    requests = [
+        Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)
+    ]  # fmt: skip
+    rolling = [Instance("loglikelihood_rolling", {}, ("x = 1\ny = 2\n",), 0)]
+    for a, b in zip(ours.loglikelihood(requests), theirs.loglikelihood(requests)):
+        assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1]
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
+        theirs.loglikelihood_rolling(rolling)[0], abs=1e-4
     )

@@ -204,12 +204,15 @@ def test_fine_tuning_records_keep_an_exact_mask(
     docs = stored_documents(out)
     assert read_manifest(out).loss_mask and len(docs) == len(records)
     for i, r in enumerate(records):
-        prompt = head + raw.encode(r["prompt"], add_special_tokens=False).ids
-        response = raw.encode(r["response"], add_special_tokens=False).ids + [eos]
+        # Prompt and response encoded as one text (as the model reads them), split where the
+        # prompt's characters end: the tokens ending inside the prompt are context.
+        joint = raw.encode(r["prompt"] + r["response"], add_special_tokens=False)
+        n_prompt = sum(1 for _, end in joint.offsets if end <= len(r["prompt"]))
         tokens, mask = docs[i]
-        assert tokens.tolist() == prompt + response
+        assert tokens.tolist() == head + joint.ids + [eos]
         assert mask is not None
-        assert mask.tolist() == [0] * len(prompt) + [1] * len(response)
+        n_context = len(head) + n_prompt
+        assert mask.tolist() == [0] * n_context + [1] * (len(tokens) - n_context)
 
 
 def test_bos_follows_transformers_reading_of_the_files(built: dict[str, Path]) -> None:
@@ -227,20 +230,35 @@ def test_bos_follows_transformers_reading_of_the_files(built: dict[str, Path]) -
         assert full[len(head) + len(bare) :] in ([], tail), kind
 
 
-def test_add_bos_token_in_the_config_overrides_the_post_processor(
+def test_add_bos_token_in_the_config_frames_as_transformers_reads_it(
     built: dict[str, Path], tmp_path: Path
 ) -> None:
-    for kind, add in (("llama3", False), ("llama2", False), ("qwen", True)):
-        d = tmp_path / kind
+    """`add_bos_token` in tokenizer_config.json: transformers' Llama class rebuilds the
+    post-processor from it (Llama 2, Mistral), its generic class keeps tokenizer.json's. The
+    data's BOS is what AutoTokenizer adds, whichever the class."""
+    from transformers import AutoTokenizer
+
+    cases = [("llama3", False, None), ("llama2", False, "LlamaTokenizer"), ("llama2", True, "LlamaTokenizer"),
+             ("qwen", True, None), ("llama2", False, "PreTrainedTokenizerFast")]  # fmt: skip
+    seen = set()
+    for n, (kind, add, cls) in enumerate(cases):
+        d = tmp_path / f"{kind}-{n}"
         shutil.copytree(built[kind], d)
         cfg = json.loads((d / "tokenizer_config.json").read_text())
         cfg["add_bos_token"] = add
-        if add:
+        if cls is not None:
+            cfg["tokenizer_class"] = cls
+        if add and kind == "qwen":
             cfg["bos_token"] = "<|im_start|>"
         (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-        tok = load_tokenizer(d)
-        assert tok.add_bos == add, kind
-        assert tok.document_ends()[0] == ([tok.bos_id] if add else [])
+        tok, theirs = load_tokenizer(d), AutoTokenizer.from_pretrained(d)
+        full = theirs("a", add_special_tokens=True)["input_ids"]
+        bare = theirs("a", add_special_tokens=False)["input_ids"]
+        head = full[: full.index(bare[0])]
+        assert tok.document_ends()[0] == head, (kind, add, cls)
+        assert tok.add_bos == bool(head)
+        seen.add(tok.add_bos)
+    assert seen == {True, False}  # the cases frame both ways
 
 
 def test_a_rerun_is_a_noop_and_overwrite_replaces_the_tokenizer(
