@@ -10,6 +10,7 @@ message (the valid keys and the closest match) than Hydra's own.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
@@ -33,6 +34,9 @@ STRATEGIES = (
 )
 
 
+# A source's name in data.mix: it becomes part of metric names (tokens/<name>).
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
 # Metrics a sweep can optimise: each is logged by the training loop (pretrain/training/).
 OBJECTIVES = ("val_loss", "val_ppl", "loss")
 
@@ -52,9 +56,20 @@ class RunConfig:
 
 
 @dataclass
+class SourceConfig:
+    dir: str = ""
+    """A directory written by `python -m pretrain.prepare` (local, http(s):// or pipe:)."""
+    weight: float = 1.0
+    """Its share of the training windows (the weights of a mixture are normalised)."""
+
+
+@dataclass
 class DataConfig:
     dir: str = "data/demo"
-    """Directory written by `python -m pretrain.prepare` (holds manifest.json)."""
+    """Directory written by `python -m pretrain.prepare` (holds manifest.json); unused with mix."""
+    mix: dict[str, SourceConfig] = field(default_factory=dict)
+    """Weighted sources {name: {dir, weight}} read in one run (empty = data.dir alone); another
+    mix when a run resumes starts a new phase there."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = read in the training process)."""
     seed: int = 1234
@@ -294,6 +309,19 @@ def validate(cfg: Config) -> None:
             f"train.host_mmap_threshold_kib={cfg.train.host_mmap_threshold_kib} is above glibc's "
             "largest mmap threshold, 32768 (32 MiB): use at most that, or 0 for glibc's own"
         )
+    for name, source in cfg.data.mix.items():
+        if not SOURCE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"data.mix.{name}: a source's name is letters, digits, '_' and '-' (it names "
+                "its metrics: tokens/<name>, val_loss/<name>)"
+            )
+        if not source.dir:
+            raise ConfigError(f"data.mix.{name}.dir is empty: give the source's prepared dir")
+        if not source.weight > 0:
+            raise ConfigError(
+                f"data.mix.{name}.weight={source.weight} must be positive (leave the source out "
+                "to stop reading it)"
+            )
     if cfg.train.early_stop_patience > 0 and (
         cfg.train.eval_every <= 0 or cfg.train.eval_batches <= 0
     ):
@@ -305,7 +333,11 @@ def validate(cfg: Config) -> None:
 
 
 def register() -> None:
-    ConfigStore.instance().store(name="base_config", node=Config)
+    node = OmegaConf.structured(Config)
+    # A mixture's sources are named on the command line (`data.mix={web: {...}}`): the dict
+    # takes new names, while each source's keys stay SourceConfig's (a typo is refused).
+    OmegaConf.set_struct(node.data.mix, False)
+    ConfigStore.instance().store(name="base_config", node=node)
 
 
 register()
@@ -332,6 +364,17 @@ def unknown_key(key: str) -> str | None:
     key = key.lstrip("+")
     if key in GROUPS or key == "experiment" or key in valid:
         return None
+    if key.startswith("data.mix."):  # data.mix.<source>[.<key>]: any name, SourceConfig's keys
+        _, _, name, *rest = key.split(".")
+        keys = [f.name for f in fields(SourceConfig)]
+        if len(rest) == 0 or (len(rest) == 1 and rest[0] in keys):
+            return None
+        close = difflib.get_close_matches(rest[0], keys, n=1)
+        hint = f" Did you mean 'data.mix.{name}.{close[0]}'?" if close else ""
+        return (
+            f"unknown config key '{key}'.{hint}\nValid keys under 'data.mix.{name}': "
+            f"{', '.join(keys)}"
+        )
     parent, _, leaf = key.rpartition(".")
     siblings = sorted(k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent)
     if not siblings:  # the parent is unknown too: compare the first part with the top level
@@ -350,10 +393,31 @@ def check_overrides(argv: list[str]) -> None:
     for arg in argv:
         if "=" not in arg or arg.startswith(("-", "hydra.", "hydra/", "+hydra", "~")):
             continue
-        problem = unknown_key(arg.split("=", 1)[0])
+        key = arg.split("=", 1)[0]
+        problem = unknown_key(key)
+        if problem is None and key.lstrip("+") == "data.mix":
+            problem = _unknown_source_key(arg)
         if problem is not None:
             sys.stderr.write(f"error: {problem}\n")
             raise SystemExit(2)
+
+
+def _unknown_source_key(arg: str) -> str | None:
+    """What is wrong with a `data.mix={name: {...}}` override's source keys, or None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_overrides([arg])[0].value()
+    except Exception:  # noqa: BLE001 - a syntax error: Hydra reports it as it does any
+        return None
+    if not isinstance(value, dict):
+        return None
+    for name, source in value.items():
+        for key in source if isinstance(source, dict) else ():
+            problem = unknown_key(f"data.mix.{name}.{key}")
+            if problem is not None:
+                return problem
+    return None
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, SourceConfig
 from pretrain.data.shards import DataError, read_manifest
 from pretrain.evaluation.harness import PretrainLM, run_tasks, task_metrics
 from pretrain.evaluation.split import evaluate_split
@@ -38,6 +39,9 @@ PRECISIONS = ("fp32", "bf16")  # fp16 has no loss scaling to keep an evaluation 
 class EvalDataConfig:
     dir: str = ""
     """Prepared data dir (holds manifest.json) whose split is scored; empty = tasks only."""
+    mix: dict[str, SourceConfig] = field(default_factory=dict)
+    """A mixture's sources {name: {dir, weight}}: each scored apart, and their mean weighted
+    by the mixture (a training run's `data.mix`); instead of data.dir."""
     allow_pipe: bool = False
     """Allow a `pipe:` data dir (it runs shell commands)."""
 
@@ -78,7 +82,9 @@ def evaluate(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
             "checkpoint= is required: a run directory, a checkpoint or a Hugging Face directory"
         )
     names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
-    if not cfg.data.dir and not names:
+    if cfg.data.dir and cfg.data.mix:
+        raise ConfigError("data.dir and data.mix both name the data: give one of them")
+    if not cfg.data.dir and not cfg.data.mix and not names:
         raise ConfigError(
             "nothing to evaluate: give data.dir=<prepared dir> (loss, ppl, bits per byte) "
             "and/or tasks=<lm-eval task names>"
@@ -91,8 +97,12 @@ def evaluate(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
     p: Pretrained = load_pretrained(cfg.checkpoint, device)
     result: dict[str, Any] = {"checkpoint": str(p.path), "kind": p.kind}
     log(f"eval: {p.describe()} | {p.model.num_params() / 1e6:.2f}M params | {device.type}")
+    sources = {name: (src.dir, src.weight) for name, src in cfg.data.mix.items()}
     if cfg.data.dir:
-        manifest = read_manifest(cfg.data.dir, allow_pipe=cfg.data.allow_pipe)
+        sources = {"": (cfg.data.dir, 1.0)}
+    scored: dict[str, dict[str, Any]] = {}
+    for name, (data_dir, _) in sources.items():
+        manifest = read_manifest(data_dir, allow_pipe=cfg.data.allow_pipe)
         check_tokenizer(p, manifest, allow_pipe=cfg.data.allow_pipe)
         split = evaluate_split(
             p.model,
@@ -105,12 +115,25 @@ def evaluate(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
             precision=cfg.precision,
             allow_pipe=cfg.data.allow_pipe,
         )
-        result.update(split, data=str(cfg.data.dir))
+        scored[name] = {**split, "data": str(data_dir)}
         log(
-            f"{cfg.split}: loss {split['loss']:.4f} | ppl {split['ppl']:.2f} | "
-            f"bits/byte {split['bits_per_byte']:.4f} | {split['tokens']:,} tokens in "
-            f"{split['documents']:,} documents | {split['tokens_per_s'] or 0:,.0f} tokens/s"
+            f"{cfg.split}{f' {name}' if name else ''}: loss {split['loss']:.4f} | ppl "
+            f"{split['ppl']:.2f} | bits/byte {split['bits_per_byte']:.4f} | "
+            f"{split['tokens']:,} tokens in {split['documents']:,} documents | "
+            f"{split['tokens_per_s'] or 0:,.0f} tokens/s"
         )
+    if "" in scored:
+        result.update(scored[""])
+    elif scored:  # a mixture: each source apart, and the mean weighted by the mixture
+        total = sum(w for _, w in sources.values())
+        share = {name: w / total for name, (_, w) in sources.items()}
+        loss = sum(share[n] * r["loss"] for n, r in scored.items())
+        bpb = sum(share[n] * r["bits_per_byte"] for n, r in scored.items())
+        result.update(
+            split=cfg.split, loss=loss, ppl=math.exp(min(loss, 700.0)), bits_per_byte=bpb,
+            tokens=sum(r["tokens"] for r in scored.values()), sources=scored,
+        )  # fmt: skip
+        log(f"{cfg.split} mixture (weighted): loss {loss:.4f} | bits/byte {bpb:.4f}")
     samples = None
     if names:
         if p.tokenizer is None:
@@ -141,12 +164,17 @@ def parse_args(argv: list[str]) -> EvalConfig:
     """key=value overrides (Hydra's syntax) onto the typed EvalConfig; an unknown key or a
     value of the wrong type fails naming it."""
     base = OmegaConf.structured(EvalConfig)
+    OmegaConf.set_struct(base.data.mix, False)  # sources are named on the command line
     valid: list[str] = []
     for f in fields(EvalConfig):
         sub = [f"data.{g.name}" for g in fields(EvalDataConfig)] if f.name == "data" else []
         valid += sub or [f.name]
     for arg in argv:
         key = arg.split("=", 1)[0]
+        if key.startswith("data.mix."):  # data.mix.<name>[.dir|.weight]
+            rest = key.split(".")[3:]
+            if not rest or (len(rest) == 1 and rest[0] in {f.name for f in fields(SourceConfig)}):
+                continue
         if "=" not in arg or key not in valid:
             close = difflib.get_close_matches(key, valid, n=1) if "=" in arg else []
             hint = f" Did you mean '{close[0]}'?" if close else ""

@@ -346,10 +346,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curve(run_dir: Path, out: Path | None = None) -> Path | None:
-    """Training (and validation) loss against step, as a PNG next to the metrics."""
+    """Training (and validation) loss against step, as a PNG next to the metrics; a mixture's
+    sources' validation curves (`val_loss/<name>`) too, dashed."""
     rows = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    sources = sorted({k for r in rows for k in r if k.startswith("val_loss/")})
     if not train:
         return None
     import matplotlib
@@ -360,7 +362,10 @@ def plot_loss_curve(run_dir: Path, out: Path | None = None) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot(*zip(*train), label="train")
     if val:
-        ax.plot(*zip(*val), "o-", label="val")
+        ax.plot(*zip(*val), "o-", label="val" + (" (mixture)" if sources else ""))
+    for key in sources:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points), ".--", label=f"val {key.partition('/')[2]}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(Path(run_dir).name)

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 # Session fixtures shared by every tier: a small prepared dataset (prepared once per session).
-from tests.data_fixtures import other_tokenizer_data, sft_data, tiny_corpus, tiny_data  # noqa: F401
+from tests.data_fixtures import (  # noqa: F401
+    code_data,
+    other_tokenizer_data,
+    sft_data,
+    tiny_corpus,
+    tiny_data,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TIERS = ("unit", "distributed", "integration", "slurm", "gpu")

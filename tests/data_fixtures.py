@@ -118,6 +118,19 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Pa
 
 
 @pytest.fixture(scope="session")
+def code_data(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """A small source (12 stdlib files of 12-30 kB, none of tiny_data's files, which are all
+    under 12 kB), prepared with tiny_data's tokenizer into shards of ~4k tokens."""
+    root, corpus = Path(sysconfig.get_paths()["stdlib"]), tmp_path_factory.mktemp("code_corpus")
+    for rel in stdlib_subset(12, min_bytes=12_001, max_bytes=30_000):
+        (corpus / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / rel, corpus / rel)
+    out = tmp_path_factory.mktemp("code_data") / "data"
+    tok = TokenizerConfig(path=str(tiny_data / "tokenizer.model"))
+    return run_prepare(tiny_config(corpus, out, tokenizer=tok, shard_tokens=4096))
+
+
+@pytest.fixture(scope="session")
 def other_tokenizer_data(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Path:
     """`tiny_corpus` prepared with another tokenizer (vocab 384): the same text, ids that mean
     other pieces, for the checks that refuse a model and data that do not match."""

@@ -191,6 +191,11 @@ class Manifest:
             )
         return self.splits[split]
 
+    def has(self, split: str) -> bool:
+        """Whether the split holds any tokens (prepare writes an empty val split when it
+        chose no val documents)."""
+        return bool(self.splits.get(split)) and self.num_tokens.get(split, 1) > 0
+
     def fingerprint(self, split: str) -> str:
         """Identifies the shards of a split (names and content hashes)."""
         h = hashlib.sha256(self.tokenizer_sha256.encode())

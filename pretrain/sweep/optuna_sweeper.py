@@ -215,8 +215,10 @@ class OptunaSweep:
             raise failures[0]
 
     def _overrides(self, params: dict[str, Any], number: int) -> list[str]:
-        out = [f"{k}={override_value(v)}" for k, v in params.items()]
-        out += [line for key, line in self.fixed.items() if key not in params]
+        # The fixed overrides first: a swept key inside a fixed one (`data.mix.code.weight` in
+        # `data.mix={...}`) must be applied after it, as later overrides win.
+        out = [line for key, line in self.fixed.items() if key not in params]
+        out += [f"{k}={override_value(v)}" for k, v in params.items()]
         out += [
             f"sweep.storage={override_value(self.url)}",
             f"sweep.study_name={override_value(self.name)}",

@@ -46,19 +46,19 @@ def train(cfg: Config) -> RunEnd:
     # ---- setup: config, data, process group, run directory -------------------------------
     preemption = Preemption()  # first: a signal during a slow startup must not kill us unsaved
     validate(cfg)
-    manifest = open_data(cfg.data)  # read once, handed to every reader of the data
+    data = open_data(cfg)  # its manifests read once, handed to every reader of the data
     # The world size comes from the launcher's environment, so the engine is created knowing
     # its accumulation.
     accum, tokens_per_step = batch_geometry(cfg, dist.world_size())
     engine = create_engine(cfg, accum)
     dist.watch_peers()  # one rank's failure stops every rank within a second
-    model_cfg = model_config(cfg, manifest)
-    run_dir = RunDir.create(cfg, model_cfg, manifest)
+    model_cfg = model_config(cfg, data.manifest)
+    run_dir = RunDir.create(cfg, model_cfg, data.manifest)
 
     # ---- build: model (parallelised by the engine), optimizer, data, state ---------------
     engine.build(model_cfg, lambda m: build_optimizer(m, cfg.optim, engine.device))
     loader = TokenLoader.from_config(
-        cfg.data, manifest, "train", cfg.train.seq_len, cfg.train.micro_batch,
+        cfg.data, data.readable, "train", cfg.train.seq_len, cfg.train.micro_batch,
         rank=engine.rank, world_size=engine.world_size,
         expected_tokenizer_sha256=run_dir.tokenizer_sha256,
     )  # fmt: skip
@@ -70,14 +70,16 @@ def train(cfg: Config) -> RunEnd:
     )
 
     # ---- resume: this run's newest checkpoint, or another model's weights ------------------
-    origin = start_point(cfg, ckpt, engine, state, model_cfg, manifest, run_dir)
+    origin = start_point(cfg, ckpt, engine, state, model_cfg, data.manifest, run_dir)
     metrics = Metrics.from_config(
         cfg.logging, run_dir.path, run_dir.resolved, run_id=state.run_id,
         run_name=cfg.run.name, start_step=state.step, total_steps=cfg.train.max_steps,
     )  # fmt: skip
-    validator = Validator.from_config(cfg, manifest, engine, early_stopping, run_dir.path)
+    validator = Validator.from_config(cfg, data, engine, early_stopping, run_dir.path)
     stops = Stops.from_config(cfg.train, engine, preemption, validator)
     metrics.print(banner(engine, loader, accum, tokens_per_step, run_dir, origin, state))
+    if loader.phase_change:  # resumed with another data.mix: a new phase from here
+        metrics.print(loader.phase_change)
     if validator.stopped_early:
         metrics.print(
             f"nothing to train: this run stopped early at step {state.step}: "
@@ -109,8 +111,9 @@ def train(cfg: Config) -> RunEnd:
             guard.check(state.step, ckpt.latest())
             metrics.log(
                 state.step,
-                meter.flush(lr=lr, grad_norm=grad_norm, tokens_seen=state.tokens_seen),
-            )
+                {**meter.flush(lr=lr, grad_norm=grad_norm, tokens_seen=state.tokens_seen),
+                 **state.sources_read(per_source=data.mixture)},
+            )  # fmt: skip
         metrics.advance(state.step)
         with meter.paused():
             val = validator.run(state.step, metrics.log) if validator.due(state.step) else None

@@ -1,17 +1,19 @@
 """The run's facts, derived once from the config before anything is built: the prepared data
-(its manifest, read here and handed to every reader of it), the batch geometry, and the model's
-architecture: `model.*` with the vocabulary taken from the data, or a source's own."""
+(its sources' manifests, read here and handed to every reader of them), the batch geometry, and
+the model's architecture: `model.*` with the vocabulary taken from the data, or a source's
+own."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from pretrain.checkpoint import find_resume
-from pretrain.config import Config, ConfigError, DataConfig
+from pretrain.config import Config, ConfigError
 from pretrain.data.format import Manifest
+from pretrain.data.mixture import Source, check_sources
 from pretrain.data.shards import is_local, local_path, read_manifest
 from pretrain.model import GPTConfig
 from pretrain.pretrained import (
@@ -23,16 +25,63 @@ from pretrain.pretrained import (
 )
 
 
-def open_data(cfg: DataConfig) -> Manifest:
-    """The manifest of `data.dir`, with what to do when it holds no prepared data."""
-    if is_local(cfg.dir) and not (local_path(cfg.dir) / "manifest.json").is_file():
+@dataclass
+class RunData:
+    """The run's training data, its manifests read once: one unnamed source for `data.dir`, or
+    the named, weighted sources of `data.mix` (which share one tokenizer: checked)."""
+
+    sources: list[Source]
+
+    @property
+    def manifest(self) -> Manifest:
+        """The first source's manifest: the tokenizer and vocabulary every source shares."""
+        return self.sources[0].manifest
+
+    @property
+    def mixture(self) -> bool:
+        """Whether the sources are named (`data.mix`): their metrics are logged apart."""
+        return bool(self.sources[0].name)
+
+    @property
+    def readable(self) -> Manifest | list[Source]:
+        """What a `TokenLoader` reads: the sources of a mixture, or the one manifest (whose
+        loader state keeps the single-source form that earlier checkpoints hold)."""
+        return self.sources if self.mixture else self.manifest
+
+
+def open_data(cfg: Config) -> RunData:
+    """The sources of the run, each refused in one line naming it when it holds no prepared
+    data, lacks a split the run reads, or was prepared with another tokenizer than the rest."""
+    data = cfg.data
+    if not data.mix:
+        return RunData([Source("", _manifest("data.dir", data.dir, data.allow_pipe), 1.0)])
+    sources = [
+        Source(name, _manifest(f"data.mix.{name}.dir", src.dir, data.allow_pipe), src.weight)
+        for name, src in data.mix.items()
+    ]
+    check_sources(sources, "train")
+    if cfg.train.eval_batches > 0:  # every source is validated on its own val split
+        for source in sources:
+            if not source.manifest.has("val"):
+                raise ConfigError(
+                    f"data.mix.{source.name} ({source.manifest.source}) has no val split, which "
+                    "validation reads for every source: re-run prepare for it, or set "
+                    "train.eval_batches=0"
+                )
+    return RunData(sources)
+
+
+def _manifest(key: str, path: str, allow_pipe: bool) -> Manifest:
+    """The manifest of the prepared dir `path` (config key `key`), with what to do when it
+    holds no prepared data."""
+    if is_local(path) and not (local_path(path) / "manifest.json").is_file():
         raise ConfigError(
-            f"data.dir={cfg.dir} holds no prepared data (no manifest.json). Prepare it first: "
-            f"`python -m pretrain.prepare output={cfg.dir}` (add input=<glob> for your corpus), "
-            "or point data.dir at a prepared directory."
+            f"{key}={path} holds no prepared data (no manifest.json). Prepare it first: "
+            f"`python -m pretrain.prepare output={path}` (add input=<glob> for your corpus), "
+            "or point it at a prepared directory."
         )
     # A URL: read_manifest names what is wrong with it.
-    return read_manifest(cfg.dir, allow_pipe=cfg.allow_pipe)
+    return read_manifest(path, allow_pipe=allow_pipe)
 
 
 def batch_geometry(cfg: Config, world_size: int) -> tuple[int, int]:

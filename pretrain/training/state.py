@@ -75,6 +75,16 @@ class TrainState:
         self.step += 1
         self.tokens_seen += tokens
 
+    def sources_read(self, *, per_source: bool) -> dict[str, float]:
+        """Per source of a mixture (`per_source`): tokens read by the whole run
+        (`tokens/<name>`, cumulative) and epochs gone through (`epoch/<name>`, fractional: a
+        small source over-sampled shows here); {} otherwise."""
+        if not per_source:
+            return {}
+        tokens = {f"tokens/{k}": n * self.loader.seq_len for k, n in self.loader.consumed().items()}
+        epochs = {f"epoch/{k}": e for k, e in self.loader.source_epochs().items()}
+        return {**tokens, **epochs}
+
     def start(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The training batches from the loader's position. The saved RNG streams are restored
         only now, the last thing before the first step, so that nothing done while setting up

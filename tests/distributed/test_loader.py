@@ -1,6 +1,7 @@
 """TokenLoader across real processes (torchrun, 2 ranks x 2 DataLoader workers): one global
 stream whatever the world size, exactly once per epoch, deterministic, exact resume, and
-elastic resume to 1 and 4 ranks that continues the same global stream."""
+elastic resume to 1 and 4 ranks that continues the same global stream; the same for a mixture
+of two sources (one with loss masks), and a change of mixture at resume."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pretrain.data import read_manifest
+from pretrain.data import Source, TokenLoader, read_manifest
 from tests.conftest import test_env, torchrun
 from tests.data_fixtures import epoch_windows, global_stream
 
@@ -23,7 +24,7 @@ WORKER = str(Path(__file__).with_name("loader_worker.py"))
 L, B, SEED, SAVE_AT, P = 64, 8, 7, 25, 24
 
 
-def _run(nproc: int, data: Path, out: Path, *args: str) -> dict[str, list[Any]]:
+def _run(nproc: int, data: Path | str, out: Path, *args: str) -> dict[str, list[Any]]:
     """Run loader_worker.py on `nproc` ranks; {"pass0": [rank0, rank1, ...], "resumed-pass0": ...}."""
     cmd = [WORKER, str(data), str(out), "--seq-len", str(L), "--batch", str(B), "--seed",
            str(SEED), "--partitions", str(P), *args]  # fmt: skip
@@ -129,3 +130,69 @@ def test_elastic_resume_continues_the_global_stream(
     for r in range(nproc):
         epoch = json.loads((tmp_path / "elastic" / f"resumed-epoch-rank{r}.json").read_text())
         assert epoch["epoch"] == 1
+
+
+# ---- a mixture across real processes
+
+
+def _spec(tiny_data: Path, sft_data: Path, web: float, sft: float) -> str:
+    return f"web={tiny_data}:{web},sft={sft_data}:{sft}"
+
+
+def _in_process(tiny_data: Path, sft_data: Path, web: float, sft: float, states: Any = None):
+    """One rank's loop=False pass of the mixture in this process, saved as the worker saves it
+    (x, then y's last token), [windows, L + 1]; and the loader."""
+    loader = TokenLoader(
+        [Source("web", read_manifest(tiny_data), web), Source("sft", read_manifest(sft_data), sft)],
+        "train", L, B, seed=SEED, partitions=P, loop=False,
+    )  # fmt: skip
+    if states is not None:
+        loader.load_state_dict(states)
+    rows = [np.concatenate([x.numpy(), y[:, -1:].numpy()], 1).astype("<u2") for x, y in loader]
+    return np.concatenate(rows), loader
+
+
+@pytest.fixture(scope="module")
+def mix_reference(
+    tiny_data: Path, sft_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """A 0.6 / 0.4 mixture on 2 ranks x 2 workers: one pass, states saved after SAVE_AT batches."""
+    out = tmp_path_factory.mktemp("mix_ref")
+    spec = _spec(tiny_data, sft_data, 0.6, 0.4)
+    return {"out": out, **_run(2, spec, out, "--workers", "2", "--save-at", str(SAVE_AT))}
+
+
+@pytest.mark.timeout(300)
+def test_a_mixture_across_processes_is_one_stream_and_resumes_elastically(
+    tiny_data: Path, sft_data: Path, mix_reference: dict, tmp_path: Path
+) -> None:
+    ref, _ = _in_process(tiny_data, sft_data, 0.6, 0.4)
+    got = _global(mix_reference["pass0"])
+    assert len(got) == len(ref) // (2 * B) * 2 * B and np.array_equal(got, ref[: len(got)])
+    # 1 rank x 3 workers takes over from the 2 ranks' states: the same stream goes on.
+    states = str(mix_reference["out"] / "state-rank*.json")
+    spec = _spec(tiny_data, sft_data, 0.6, 0.4)
+    resumed = _run(1, spec, tmp_path / "elastic", "--workers", "3", "--resume", states, "--fresh", "0")  # fmt: skip
+    head = _global([arr[:SAVE_AT] for arr in mix_reference["pass0"]])
+    tail = _global(resumed["resumed-pass0"])
+    assert np.array_equal(np.concatenate([head, tail]), ref[: len(head) + len(tail)])
+
+
+@pytest.mark.timeout(300)
+def test_a_change_of_mixture_at_resume_across_processes(
+    tiny_data: Path, sft_data: Path, mix_reference: dict, tmp_path: Path
+) -> None:
+    # 2 ranks x 1 worker resume the 0.6 / 0.4 run's states with 0.2 / 0.8: what they read is
+    # what one process reads from the same states (tested against the sources in
+    # tests/unit/test_mixture.py), and each rank reports the change.
+    files = sorted((mix_reference["out"]).glob("state-rank*.json"))
+    states = [json.loads(f.read_text()) for f in files]
+    spec = _spec(tiny_data, sft_data, 0.2, 0.8)
+    changed = _run(2, spec, tmp_path / "phase", "--workers", "1", "--resume",
+                   str(mix_reference["out"] / "state-rank*.json"), "--fresh", "0")  # fmt: skip
+    expected, loader = _in_process(tiny_data, sft_data, 0.2, 0.8, states)
+    got = _global(changed["resumed-pass0"])
+    assert len(got) > 100 and np.array_equal(got, expected[: len(got)])
+    for r in range(2):
+        assert (tmp_path / "phase" / f"phase-rank{r}.txt").read_text() == loader.phase_change
+    assert "web 0.600 -> 0.200, sft 0.400 -> 0.800" in (loader.phase_change or "")

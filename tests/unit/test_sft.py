@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pretrain.data import TokenLoader, read_manifest
+from pretrain.data import Source, TokenLoader, read_manifest
 from pretrain.model import GPT, GPTConfig
 from tests.data_fixtures import global_stream
 
@@ -113,3 +113,31 @@ def test_exact_and_elastic_resume_keep_the_masks(sft_data: Path) -> None:
         start = len(head_y)
         assert np.array_equal(tail_x, ref_x[start : start + len(tail_x)])
         assert np.array_equal(tail_y, ref_y[start : start + len(tail_y)])
+
+
+def test_a_fine_tuning_source_keeps_its_masks_inside_a_mixture(
+    tiny_data: Path, sft_data: Path
+) -> None:
+    sources = [Source("web", read_manifest(tiny_data), 0.6), Source("sft", read_manifest(sft_data), 0.4)]  # fmt: skip
+    loader = TokenLoader(sources, "train", L, B, partitions=P, seed=3, num_workers=2)
+    x, y = _batches(loader, 100)
+    # Each window's source and place in it, checked against both sources' own streams.
+    k, n = loader._mixture.take(np.arange(len(x)))
+    epochs = int(n[k == 1].max()) // (len(global_stream(sft_data, "train", 3, 0, L, P)[0])) + 1
+    streams = {
+        d: [
+            np.concatenate(
+                [global_stream(d, "train", 3, e, L, P, masks=m)[0] for e in range(epochs)]
+            )
+            for m in (False, True)
+        ]  # fmt: skip
+        for d in (tiny_data, sft_data)
+    }
+    for src, data in enumerate((tiny_data, sft_data)):
+        sel = k == src
+        windows, masks = streams[data]
+        w, mk = windows[n[sel]], masks[n[sel]]
+        assert np.array_equal(x[sel], w[:, :-1])
+        assert np.array_equal(y[sel], np.where(mk[:, 1:] == 1, w[:, 1:].astype(np.int64), -1))
+    # The fine-tuning windows ignore their prompt targets; the plain windows ignore none.
+    assert (y[k == 0] != -1).all() and 0.02 < (y[k == 1] == -1).mean() < 0.5

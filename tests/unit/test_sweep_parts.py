@@ -84,6 +84,15 @@ def test_sweeper_refuses_unknown_parameter_keys_with_a_hint() -> None:
     assert "\n" not in str(e.value)
 
 
+def test_a_mixture_weight_is_a_parameter_a_sweep_can_search() -> None:
+    sweeper = OptunaSweep("tpe", "median", "minimize", None, None, 4, 1, 0.0, None, None)
+    sweeper._check_keys(["data.mix.code.weight", "data.mix.web.dir"])  # any source name
+    with pytest.raises(SweepError, match=r"Did you mean 'data.mix.code.weight'\?"):
+        sweeper._check_keys(["data.mix.code.wieght"])
+    space, _ = parse(["data.mix.code.weight=interval(0.1, 0.5)"])
+    assert space["data.mix.code.weight"] == FloatDistribution(0.1, 0.5)
+
+
 def test_a_trial_dir_only_continues_as_the_same_trial(tmp_path: Path) -> None:
     run = tmp_path / "sweep" / "0"
     mine = ["experiment=debug", "optim.lr=0.001"]

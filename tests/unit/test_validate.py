@@ -15,12 +15,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pretrain.data.loader import TokenLoader
+from pretrain.data.mixture import Source
 from pretrain.data.shards import read_manifest
 from pretrain.early_stopping import EarlyStopping
 from pretrain.engine import create_engine
 from pretrain.engine.process_group import reset_accelerate_state
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import build_optimizer
+from pretrain.training.setup import RunData
 from pretrain.training.validate import Validator
 from tests.conftest import REPO
 
@@ -44,7 +46,8 @@ def run(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any
         GPT(GPTConfig(**cfg.model)), lambda m: build_optimizer(m, cfg.optim, engine.device)
     )
     early = EarlyStopping.from_config(cfg.train)
-    validator = Validator.from_config(cfg, read_manifest(tiny_data), engine, early, tmp_path)
+    data = RunData([Source("", read_manifest(tiny_data), 1.0)])
+    validator = Validator.from_config(cfg, data, engine, early, tmp_path)
     yield cfg, engine, validator
     reset_accelerate_state()
 
@@ -53,14 +56,14 @@ def test_same_batches_each_time_and_the_loader_built_once_when_needed(
     run: Any, tiny_data: Path
 ) -> None:
     cfg, engine, validator = run
-    assert validator.loader is None  # nothing read before the first validation
+    assert validator.loaders is None  # nothing read before the first validation
     assert [s for s in range(1, 21) if validator.due(s)] == [5, 10, 15, 20]
 
     logged: list[tuple[int, dict[str, Any]]] = []
     first = validator.run(5, lambda step, values: logged.append((step, dict(values))))
-    loader = validator.loader
+    loaders = validator.loaders
     second = validator.run(10, lambda step, values: logged.append((step, dict(values))))
-    assert validator.loader is loader  # built once
+    assert validator.loaders is loaders  # built once
     assert first.values == second.values  # the same weights, the same batches: the same value
     assert [step for step, _ in logged] == [5, 10]
 
