@@ -13,11 +13,17 @@ files, `.jsonl(.gz)` lines with `text`, or fine-tuning records with `prompt` and
 and manifest format that the loader reads.
 
 What it writes into `output` (and nothing else): the tokenizer (tokenizer.model, or tokenizer/
-for a Hugging Face one), train/ and val/ shards, and manifest.json last (see
+for a Hugging Face one), train/ and val/ shards, clean_report.jsonl, and manifest.json last (see
 `pretrain.data.format`). Token count of a document = len(encode(prompt)) + len(encode(text)) + 1
 (the EOS; prompt is "" except for fine-tuning records), plus 1 for a BOS where a Hugging Face
 tokenizer adds one; the manifest's counts are exact sums of that. Fine-tuning records also get
 a loss mask: only response tokens (and the EOS) are targets of the loss.
+
+Cleaning (`clean.*`, `pretrain.data.clean`): before a document is tokenized, in the workers,
+its personal data can be redacted and it can be dropped by decontamination or the quality
+rules; in the main process, in input order, duplicates (exact by default, or near) are dropped,
+the first copy surviving. What each rule did goes to the output, the manifest and
+clean_report.jsonl.
 
 Tokenizer: sentencepiece BPE with byte fallback (see pretrain.tokenizer), trained on at most
 `tokenizer.sample_bytes` of text: whole files in a seeded order of their paths relative to the
@@ -75,6 +81,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm import tqdm
 
+from pretrain.data.clean import REPORT, CleanConfig, Cleaner, CleanPass
 from pretrain.data.format import (
     FORMAT,
     MANIFEST,
@@ -152,6 +159,8 @@ class PrepareConfig:
     """Tokenizer processes; 0 = every CPU this process may use."""
     overwrite: bool = False
     """Replace a finished prepare in `output` that was made with other inputs or settings."""
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    """Dedup, decontamination, quality rules and PII redaction (`pretrain.data.clean`)."""
 
 
 ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
@@ -245,7 +254,7 @@ def _num_proc(n: int) -> int:
 
 def _identity(cfg: PrepareConfig, files: list[str], tok_sha: str | None) -> dict[str, Any]:
     """Everything that determines the output; two prepares with equal identities agree."""
-    conf = dataclasses.asdict(cfg)
+    conf = _plain(dataclasses.asdict(cfg))
     for k in ("input", "output", "num_proc", "overwrite"):  # inputs count by the files they match
         conf.pop(k)
     if tok_sha is not None:
@@ -259,6 +268,11 @@ def _identity(cfg: PrepareConfig, files: list[str], tok_sha: str | None) -> dict
         "num_files": len(files),
         "files_sha256": listing.hexdigest(),
     }
+
+
+def _plain(conf: dict[str, Any]) -> dict[str, Any]:
+    """The config as JSON values (typed choices by their names)."""
+    return json.loads(json.dumps(conf, default=lambda o: o.value))  # type: ignore[no-any-return]
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -283,6 +297,7 @@ def _clean_leftovers(out: Path) -> None:
                     p.unlink()
     for p in out.glob(".*.tmp"):
         p.unlink()
+    (out / REPORT).unlink(missing_ok=True)
     remove_stored(out)
 
 
@@ -301,6 +316,16 @@ def _validate(cfg: PrepareConfig) -> None:
         raise PrepareError(f"num_proc={cfg.num_proc} must be >= 0 (0 = all CPUs).")
     if cfg.tokenizer.path is None and cfg.tokenizer.sample_bytes < 1:
         raise PrepareError("tokenizer.sample_bytes must be >= 1.")
+    c = cfg.clean
+    if not 0.0 < c.near_threshold <= 1.0:
+        raise PrepareError(
+            f"clean.near_threshold={c.near_threshold} must be in (0, 1] (e.g. 0.75)."
+        )
+    if min(c.near_ngram, c.near_bands, c.near_rows, c.exclude_ngram) < 1 or c.report_samples < 0:
+        raise PrepareError(
+            "clean.near_ngram, near_bands, near_rows and exclude_ngram must be >= 1, "
+            "clean.report_samples >= 0."
+        )
 
 
 def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool, say: Any) -> bool:
@@ -398,6 +423,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     identity = _identity(cfg, files, given.sha256 if given is not None else None)
     if _check_existing(out, identity, cfg.overwrite, say):
         return out
+    cleaner = Cleaner(cfg.clean)  # reads clean.exclude's texts: a bad path fails here, early
 
     # 1. The tokenizer: trained on a bounded seeded sample, or the given one.
     model_bytes = None if given is not None else _train_tokenizer(cfg, units, out, len(files), say)
@@ -424,12 +450,15 @@ def run_prepare(cfg: PrepareConfig) -> Path:
 
     # 3. Tokenize every unit in parallel into the spill, in input order.
     num_proc = min(_num_proc(cfg.num_proc), len(units))
+    cleaning = CleanPass(cfg.clean)
     spill = Spill(out)
     unreadable: set[str] = set()
     tty = sys.stderr.isatty()
     try:
         # The pool starts before the progress bar's monitor thread exists.
-        with tokenized(units, str(stored), np_dtype, cfg.seed, num_proc) as results:
+        with tokenized(
+            units, str(stored), np_dtype, cfg.seed, num_proc, cleaner if cleaner.active else None
+        ) as results:
             bar = tqdm(
                 total=len(units),
                 unit="file",
@@ -448,7 +477,8 @@ def run_prepare(cfg: PrepareConfig) -> Path:
                 for reason, where in res.skipped:
                     skips.add(reason, where)
                 for doc in res.docs:
-                    spill.add(doc)
+                    if cleaning.keep(doc.verdict, doc.where, doc.ntokens):
+                        spill.add(doc)
                 bar.set_postfix(docs=len(spill), refresh=False)
             bar.close()
         spill.finish()
@@ -493,8 +523,10 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         skipped=skips.as_dict(),
         inputs={"num_files": len(files), "roots": roots(cfg.input)},
         identity=identity,
-        config=dataclasses.asdict(cfg) | {"num_proc": num_proc},
+        config=_plain(dataclasses.asdict(cfg)) | {"num_proc": num_proc},
+        clean=cleaning.as_dict(),
     )
+    write_atomic(out / REPORT, cleaning.report().encode())
     manifest_path = out / MANIFEST
     write_atomic(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     fsync_dir(out)
@@ -509,7 +541,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         + "\n"
         f"  train: {tr['num_documents']:,} docs, {tr['num_tokens']:,} tokens, {len(tr['shards'])} shards\n"
         f"  val:   {va['num_documents']:,} docs, {va['num_tokens']:,} tokens, {len(va['shards'])} shards\n"
-        f"  {_describe_val(val_report, n_docs, n_tokens)}\n"
+        f"  {_describe_val(val_report, n_docs, n_tokens)}\n" + "\n".join(cleaning.summary()) + "\n"
         f"  skipped inputs: {skips.summary()}\n"
         f"  -> {manifest_path}"
     )

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.data.clean import Cleaner, Verdict
 from pretrain.data.sources import Document, Unit, iter_unit_docs
 from pretrain.tokenizer import TextTokenizer, load_tokenizer
 
@@ -48,6 +49,8 @@ class TokenizedDoc:
     ntokens: int
     split_key: int
     order_key: int
+    where: str = ""  # the input key (file, file:line, file@offset)
+    verdict: Verdict | None = None  # what cleaning found (None: cleaning off)
 
 
 @dataclass
@@ -60,21 +63,24 @@ class UnitResult:
 _TOK: TextTokenizer | None = None
 _DTYPE: Any = None
 _SEED = 0
+_CLEAN: Cleaner | None = None
 
 
-def _init_worker(tokenizer: str, dtype: str, seed: int, pooled: bool = False) -> None:
-    global _TOK, _DTYPE, _SEED
+def _init_worker(
+    tokenizer: str, dtype: str, seed: int, cleaner: Cleaner | None, pooled: bool = False
+) -> None:
+    global _TOK, _DTYPE, _SEED, _CLEAN
     if pooled:  # before the tokenizer runs: it reads this at every batch
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOK = load_tokenizer(tokenizer)
-    _DTYPE, _SEED = np.dtype(dtype), seed
+    _DTYPE, _SEED, _CLEAN = np.dtype(dtype), seed, cleaner
 
 
-def _encode(batch: list[Document]) -> list[TokenizedDoc]:
+def _encode(batch: list[tuple[Document, str, Verdict | None]]) -> list[TokenizedDoc]:
     assert _TOK is not None
     out = []
-    encoded = _TOK.encode_documents([(doc.prompt, doc.text) for doc in batch])
-    for doc, (ids, context) in zip(batch, encoded):
+    encoded = _TOK.encode_documents([(doc.prompt, doc.text) for doc, _, _ in batch])
+    for (doc, where, verdict), (ids, context) in zip(batch, encoded):
         mask = None
         if doc.prompt:
             m = np.ones(len(ids), np.uint8)
@@ -82,21 +88,24 @@ def _encode(batch: list[Document]) -> list[TokenizedDoc]:
             mask = m.tobytes()
         split_key, order_key = content_keys(doc.content(), _SEED)
         tokens = np.asarray(ids, dtype=_DTYPE).tobytes()
-        out.append(TokenizedDoc(tokens, mask, len(ids), split_key, order_key))
+        out.append(TokenizedDoc(tokens, mask, len(ids), split_key, order_key, where, verdict))
     return out
 
 
 def _encode_unit(unit: Unit) -> UnitResult:
     docs: list[TokenizedDoc] = []
     skipped: list[tuple[str, str]] = []
-    batch: list[Document] = []
+    batch: list[tuple[Document, str, Verdict | None]] = []
     chars = 0
     try:
         for doc, reason, where in iter_unit_docs(unit):
             if doc is None:
                 skipped.append((str(reason), where))
                 continue
-            batch.append(doc)
+            verdict = None
+            if _CLEAN is not None:  # before tokenizing: redaction changes the text
+                doc, verdict = _CLEAN.apply(doc)
+            batch.append((doc, where, verdict))
             chars += len(doc.text) + len(doc.prompt)
             if chars >= BATCH_CHARS:
                 docs += _encode(batch)
@@ -112,10 +121,18 @@ class tokenized:
     from a process pool (num_proc > 1) or inline."""
 
     def __init__(
-        self, units: list[Unit], tokenizer: str, dtype: str, seed: int, num_proc: int
+        self,
+        units: list[Unit],
+        tokenizer: str,
+        dtype: str,
+        seed: int,
+        num_proc: int,
+        cleaner: Cleaner | None = None,
     ) -> None:
-        """`tokenizer`: the path `load_tokenizer` reads in each worker."""
-        self.units, self.args, self.num_proc = units, (tokenizer, dtype, seed), num_proc
+        """`tokenizer`: the path `load_tokenizer` reads in each worker; `cleaner`: the
+        cleaning stages each document goes through first (`pretrain.data.clean`)."""
+        self.units, self.num_proc = units, num_proc
+        self.args = (tokenizer, dtype, seed, cleaner)
         self.pool: Any = None
 
     def __enter__(self) -> Iterable[UnitResult]:
