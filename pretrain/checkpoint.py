@@ -409,6 +409,16 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return yaml.safe_load((resolve(path) / "config.yaml").read_text())
 
 
+def data_dir_of(path: str | Path) -> str | None:
+    """The prepared data dir a checkpoint's run read: `data.dir`, or for a mixture its first
+    source's (all sources share one tokenizer)."""
+    data = read_config(path).get("data") or {}
+    mix = data.get("mix") or {}
+    if mix:
+        return next(iter(mix.values())).get("dir") or None
+    return data.get("dir") or None
+
+
 def resolve(path: str | Path) -> Path:
     """The checkpoint directory that `path` names, for every consumer of checkpoints:
 

@@ -70,7 +70,7 @@ def tokenizer_files(p: Pretrained) -> list[Path]:
 def source_data_dir(p: Pretrained) -> str | None:
     """The data dir the source was trained (or compressed) with, when it says."""
     if p.kind == "checkpoint":
-        return (checkpoint.read_config(p.path).get("data") or {}).get("dir") or None
+        return checkpoint.data_dir_of(p.path)
     if p.kind == "compressed" and p.info:
         return p.info.get("data") or None
     return None

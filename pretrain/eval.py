@@ -97,6 +97,12 @@ def evaluate(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
     p: Pretrained = load_pretrained(cfg.checkpoint, device)
     result: dict[str, Any] = {"checkpoint": str(p.path), "kind": p.kind}
     log(f"eval: {p.describe()} | {p.model.num_params() / 1e6:.2f}M params | {device.type}")
+    for name, src in cfg.data.mix.items():
+        if not src.dir or not src.weight > 0:
+            raise ConfigError(
+                f"data.mix.{name}: give its prepared dir and a weight > 0 (got dir={src.dir!r}, "
+                f"weight={src.weight})"
+            )
     sources = {name: (src.dir, src.weight) for name, src in cfg.data.mix.items()}
     if cfg.data.dir:
         sources = {"": (cfg.data.dir, 1.0)}

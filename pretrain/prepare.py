@@ -72,6 +72,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm import tqdm
 
-from pretrain.data.clean import REPORT, CleanConfig, Cleaner, CleanPass
+from pretrain.data.clean import REPORT, CleanConfig, Cleaner, CleanPass, Dedup, Pii, Switch
+from pretrain.data.clean.decontaminate import texts_sha256
+from pretrain.data.clean.pii import redact
 from pretrain.data.format import (
     FORMAT,
     MANIFEST,
@@ -259,6 +262,8 @@ def _identity(cfg: PrepareConfig, files: list[str], tok_sha: str | None) -> dict
         conf.pop(k)
     if tok_sha is not None:
         conf["tokenizer"] = {"path_sha256": tok_sha}
+    if cfg.clean.exclude:  # the evaluation texts by content: an edited file is another prepare
+        conf["clean"]["exclude_sha256"] = texts_sha256(cfg.clean.exclude)
     listing = hashlib.sha256()
     for f in files:
         listing.update(f"{f}\0{os.path.getsize(f)}\n".encode())
@@ -317,6 +322,17 @@ def _validate(cfg: PrepareConfig) -> None:
     if cfg.tokenizer.path is None and cfg.tokenizer.sample_bytes < 1:
         raise PrepareError("tokenizer.sample_bytes must be >= 1.")
     c = cfg.clean
+    for name, kind in (("dedup", Dedup), ("quality", Switch), ("pii", Pii)):
+        value = getattr(c, name)
+        if isinstance(value, bool):  # YAML reads on/off as booleans
+            value = "on" if value else "off"
+        try:
+            setattr(c, name, kind(value.value if isinstance(value, Enum) else value))
+        except ValueError:
+            choices = "|".join(m.value for m in kind)
+            raise PrepareError(f"clean.{name}={value!r}: choose {choices}.") from None
+    if c.near_bands > 255 or c.near_bands * c.near_rows > 1024:
+        raise PrepareError("clean.near_bands must be <= 255 and near_bands x near_rows <= 1024.")
     if not 0.0 < c.near_threshold <= 1.0:
         raise PrepareError(
             f"clean.near_threshold={c.near_threshold} must be in (0, 1] (e.g. 0.75)."
@@ -362,6 +378,8 @@ def _train_tokenizer(
     sample = list(
         training_sample(units, tc.sample_bytes, tc.max_sentence_bytes, cfg.seed, sample_skips)
     )
+    if cfg.clean.pii == Pii.redact:  # personal data must not become pieces of the vocabulary
+        sample = [redact(piece)[0] for piece in sample]
     if not sample:
         raise PrepareError(
             f"no usable documents in {n_files} input file(s) (skipped: "

@@ -102,7 +102,7 @@ def tokenizer_file(ckpt: Path) -> Path:
     for d in (ckpt, ckpt.parent.parent):
         if (found := find_tokenizer(d)) is not None:
             return found
-    data_dir = (checkpoint.read_config(ckpt).get("data") or {}).get("dir")
+    data_dir = checkpoint.data_dir_of(ckpt)
     if data_dir and (found := find_tokenizer(data_dir)) is not None:
         return found
     raise SourceError(

@@ -16,6 +16,7 @@ import optuna
 import pytest
 import yaml
 
+from pretrain import checkpoint
 from pretrain.metrics import read_metrics
 from pretrain.prepare import TokenizerConfig, run_prepare
 from pretrain.sweep.study import storage
@@ -93,6 +94,9 @@ def test_a_mixture_run_resumes_exactly_and_reports_each_source(
     assert any("tokens/web" in r for r in history)
     assert (straight / "loss.png").stat().st_size > 0
 
+    # Tools that need the run's data (compress, a tokenizer lookup) find its first source.
+    assert checkpoint.data_dir_of(straight) == str(tiny_data)
+
     # pretrain.eval scores each source of a mixture and their weighted mean.
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain.eval", f"checkpoint={straight}", web_code,
@@ -140,31 +144,46 @@ def no_val_data(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Pa
     return run_prepare(tiny_config(corpus, out, tokenizer=tok, val_fraction=0.0))
 
 
+def refusal(*overrides: str) -> str:
+    """The message the training CLI would print for `overrides` (what `train` checks before it
+    touches a process group: the config, then the sources), computed in this process."""
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.config import ConfigError, validate
+    from pretrain.data import DataError
+    from pretrain.training.setup import open_data
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["experiment=debug", *overrides])
+    try:
+        validate(cfg)
+        open_data(cfg)
+    except (ConfigError, DataError) as e:
+        return str(e)
+    raise AssertionError(f"not refused: {overrides}")
+
+
 @pytest.mark.timeout(300)
 def test_bad_mixtures_are_refused_in_one_line_naming_the_source(
     tiny_data: Path, code_data: Path, other_tokenizer_data: Path, no_val_data: Path,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    cases = {
-        "missing": (
-            mix(web=(tiny_data, 0.5), code=(tmp_path / "nowhere", 0.5)),
-            "data.mix.code.dir=",
-        ),
-        "tokenizers": (
-            mix(web=(tiny_data, 0.5), other=(other_tokenizer_data, 0.5)),
-            "sources 'web' (tokenizer",
-        ),
+    in_process = {
+        "missing": (mix(web=(tiny_data, 0.5), code=(tmp_path / "nowhere", 0.5)), "data.mix.code.dir="),
+        "tokenizers": (mix(web=(tiny_data, 0.5), other=(other_tokenizer_data, 0.5)), "sources 'web' (tokenizer"),
         "weight": (mix(web=(tiny_data, 0.5), code=(code_data, 0)), "data.mix.code.weight=0"),
         "no-val": (mix(web=(tiny_data, 0.5), code=(no_val_data, 0.5)), "data.mix.code ("),
-        "typo": (
-            mix(web=(tiny_data, 0.5), code=(code_data, 0.5)).replace(
-                "weight: 0.5}}", "wieght: 0.5}}"
-            ),
-            "wieght",
-        ),  # fmt: skip
-        "typo-dotted": ("data.mix.code.wieght=0.5", "Did you mean 'data.mix.code.weight'?"),
-    }
-    for case, (arg, says) in cases.items():
+    }  # fmt: skip
+    for case, (arg, says) in in_process.items():
+        message = refusal(arg, "train.eval_every=1")
+        assert says in message and "\n" not in message, (case, message)
+
+    # Through the CLI: one error line, nothing written; a typo inside the dict is refused too.
+    typo = mix(web=(tiny_data, 0.5), code=(code_data, 0.5)).replace("weight: 0.5}}", "wieght: 0.5}}")  # fmt: skip
+    for case, (arg, says) in {
+        "tokenizers": in_process["tokenizers"],
+        "typo": (typo, "Did you mean 'data.mix.code.weight'?"),
+    }.items():
         run = tmp_path / case
         proc = train(run, arg, "train.max_steps=2", "train.eval_every=1")
         assert proc.returncode != 0, case

@@ -112,6 +112,11 @@ def test_documents_sharing_an_evaluation_passage_are_dropped(planted: Planted, t
     copies = sum(1 + (i in planted.exact) + (i in planted.near) for i in chosen)
     assert rules["decontaminated"]["documents"] == copies
 
+    # The evaluation texts count by content: edited, the same command is another prepare.
+    evals.write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(PrepareError, match=r"clean\.exclude_sha256"):
+        prepare(planted, tmp_path / "out", clean)
+
     with pytest.raises(PrepareError, match="neither a file, a directory nor a task"):
         prepare(planted, tmp_path / "bad", CleanConfig(exclude=["no/such/eval"]))
 
@@ -124,7 +129,11 @@ def test_redaction_catches_the_documented_forms_and_leaves_code_alone() -> None:
     out, counts = redact(text)
     assert counts == {"email": 1, "ip": 2, "phone": 4}, out
     assert "example" not in out and "192.168" not in out and "7946" not in out
-    code = "x = a[::2]; t = '12:30:45'; v = '3.11.7.1.2'; n = 1234567890; d = '2024-01-15'\n"
+    assert redact("link-local fe80::1 here") == ("link-local <IP_ADDRESS> here", {"email": 0, "ip": 1, "phone": 0})  # fmt: skip
+    code = (
+        "x = a[::2] + a[1::2] + a[10::20]; t = '12:30:45'; v = '3.11.7.1.2'; n = 1234567890;"
+        " d = '2024-01-15'\n"
+    )
     assert redact(code) == (code, {"email": 0, "ip": 0, "phone": 0})
 
 
@@ -169,3 +178,33 @@ def test_interrupted_prepare_with_cleaning_then_run_again(
     # Other cleaning settings over a finished prepare: refused, naming them.
     with pytest.raises(PrepareError, match=r"config\.clean\.pii: 'redact' -> 'off'"):
         prepare(planted, out, CleanConfig(dedup=Dedup.near, quality=Switch.on))
+
+
+def test_choices_given_as_strings_from_python_or_yaml_booleans_work(planted: Planted, tmp_path):
+    # As YAML or a Python caller may give them: "redact", True for on.
+    clean = CleanConfig(dedup="exact", quality=True, pii="redact")  # type: ignore[arg-type]
+    data = prepare(planted, tmp_path / "out", clean)
+    assert not any(s in t for t in texts(data) for s in planted.pii)
+    rules = json.loads((data / "manifest.json").read_text())["clean"]["rules"]
+    assert "pii" in rules and "quality:max_dup_line_frac" in rules
+    with pytest.raises(PrepareError, match=r"clean\.dedup='nearr': choose off\|exact\|near"):
+        prepare(planted, tmp_path / "bad", CleanConfig(dedup="nearr"))  # type: ignore[arg-type]
+
+
+def test_fine_tuning_records_are_deduplicated_exactly_with_prompt_and_response_apart() -> None:
+    from pretrain.data.clean import Cleaner, CleanPass
+    from pretrain.data.sources import Document
+
+    template = " ".join(f"rule {i}: answer briefly and politely." for i in range(60))
+    records = [
+        Document("Paris.", template + " What is the capital of France?"),
+        Document("Rome.", template + " What is the capital of Italy?"),  # shares the prompt
+        Document("Paris.", template + " What is the capital of France?"),  # an exact copy
+        Document("c", "a b"),
+        Document("b c", "a"),  # the same words, another prompt/response boundary
+    ]
+    near = CleanConfig(dedup=Dedup.near)
+    cleaner, kept = Cleaner(near), CleanPass(near)
+    verdicts = [kept.keep(cleaner.apply(r)[1], f"records.jsonl:{i}", 10) for i, r in enumerate(records)]  # fmt: skip
+    assert verdicts == [True, True, False, True, True]
+    assert kept.as_dict()["rules"]["exact_duplicate"]["documents"] == 1

@@ -76,8 +76,10 @@ class Cleaner:
             rule = failed_rule(whole, c.quality_rules)
             v.dropped = f"quality:{rule}" if rule else None
         if v.dropped is None and c.dedup != Dedup.off:
-            v.key = exact_key(whole)
-            if c.dedup == Dedup.near:
+            # A fine-tuning record: prompt and response apart, and exact copies only (records
+            # that share a long template prompt would all look like near copies of the first).
+            v.key = exact_key(doc.prompt + "\0" + doc.text if doc.prompt else doc.text)
+            if c.dedup == Dedup.near and not doc.prompt:
                 v.sig = signature(whole, c.near_ngram, c.near_bands * c.near_rows, c.seed)
         return doc, v
 

@@ -11,6 +11,7 @@ in countless documents that never saw the benchmark; an item is found by its lon
 
 from __future__ import annotations
 
+import hashlib
 import json
 import string
 from collections.abc import Iterator
@@ -37,7 +38,16 @@ def _strings(value: object) -> Iterator[str]:
             yield from _strings(v)
 
 
-def _texts(spec: str) -> Iterator[str]:
+def texts_sha256(specs: list[str]) -> str:
+    """One hash over the contents of every file `specs` name (what decontamination reads)."""
+    h = hashlib.sha256()
+    for spec in specs:
+        for f in _files(spec):
+            h.update(f"{f.name}\0".encode() + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _files(spec: str) -> list[Path]:
     path = Path(spec)
     if not path.exists() and (_TASKS / spec).is_dir():
         files = sorted((_TASKS / spec).glob("*.jsonl"))
@@ -53,7 +63,11 @@ def _texts(spec: str) -> Iterator[str]:
             f"clean.exclude: {spec!r} is neither a file, a directory nor a task shipped with "
             f"pretrain ({', '.join(tasks)}): give .jsonl/.txt evaluation files or a task name."
         )
-    for f in files:
+    return files
+
+
+def _texts(spec: str) -> Iterator[str]:
+    for f in _files(spec):
         if f.suffix == ".jsonl":
             for lineno, line in enumerate(f.read_text().splitlines(), 1):
                 if line.strip():

@@ -76,11 +76,13 @@ class Deduper:
         if key in self._exact:
             return "exact_duplicate", self._exact[key]
         bands: list[bytes] = []
-        if self.near:
-            assert sig is not None, "near dedup needs every document's signature"
+        if self.near and sig is not None:  # None: a fine-tuning record, exact only
             s = np.frombuffer(sig, np.uint32)
             width = self.rows * 4
-            bands = [bytes([b]) + sig[b * width : (b + 1) * width] for b in range(self.bands)]
+            bands = [
+                b.to_bytes(2, "little") + sig[b * width : (b + 1) * width]
+                for b in range(self.bands)
+            ]
             seen: set[int] = set()
             for band in bands:
                 for k in self._buckets.get(band, ()):
@@ -89,7 +91,7 @@ class Deduper:
                         if float(np.mean(self._sigs[k] == s)) >= self.threshold:
                             return "near_duplicate", self._ids[k]
         self._exact[key] = ident
-        if self.near:
+        if bands:
             k = len(self._sigs)
             self._sigs.append(s)
             self._ids.append(ident)

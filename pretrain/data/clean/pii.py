@@ -2,8 +2,9 @@
 replaced by placeholders (`redact`).
 
 What is caught: `name@host.tld` addresses; dotted-quad IPv4 addresses (not inside longer dotted
-numbers such as 1.2.3.4.5); IPv6 addresses that Python's `ipaddress` accepts, with at least two
-groups of hex digits (so `::` in a slice is left alone); phone numbers written with separators,
+numbers such as 1.2.3.4.5); IPv6 addresses that Python's `ipaddress` accepts, with three groups
+of hex digits or two of which one is full (`fe80::1`), so that slices (`[::2]`, `[1::2]`) are
+left alone; phone numbers written with separators,
 North American `(555) 123-4567` / `555-123-4567` / `555.123.4567` and international numbers
 starting `+<country code>` with 7 to 15 digits in groups.
 What is not: names, postal addresses, ID, card and account numbers, phone numbers written as one
@@ -35,7 +36,9 @@ _PHONE = re.compile(
 
 def _ipv6(match: re.Match[str]) -> bool:
     s = match.group(0)
-    if sum(1 for g in s.split(":") if g) < 2:
+    groups = [g for g in s.split(":") if g]
+    # Three groups, or two with a full one (fe80::1): a slice such as [1::2] or [10::20] is not.
+    if len(groups) < 2 or (len(groups) == 2 and max(map(len, groups)) < 4):
         return False
     try:
         ipaddress.IPv6Address(s)
