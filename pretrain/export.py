@@ -81,6 +81,7 @@ def export_hf(
     cfg = GPTConfig(**read_config(ckpt)["model"])
     hf.family(cfg)  # refuse a model no stock class fits before reading any weight
     tokenizer = load_tokenizer(tokenizer_file(ckpt))  # the run's, sentencepiece or HF
+    source = ckpt.parent.parent / hf.SOURCE_DIR  # the HF model the run started from, if any
     return hf.save_hf(
         cfg,
         load_model_weights(ckpt),
@@ -89,6 +90,7 @@ def export_hf(
         dtype=dtype,
         max_shard_size=max_shard_size,
         consume=True,  # the weights are ours alone: convert them without a second copy
+        source=source if source.is_dir() else None,
     )
 
 

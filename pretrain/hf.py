@@ -513,6 +513,29 @@ def is_hf_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
+# A run started from a Hugging Face directory keeps, in <run dir>/hf_source/, the source's files
+# that say more than its weights and tokenizer: its special token ids (config.json, and
+# generation_config.json with its generation defaults and, for instruct models, several EOS ids)
+# and its chat template. An export of the run writes them back (`save_hf(source=...)`).
+SOURCE_DIR = "hf_source"
+SOURCE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def keep_source_files(source: Path, dest: Path) -> None:
+    """Copy `SOURCE_FILES` of HF directory `source` (or of a run's `hf_source/`) into `dest`."""
+    found = [source / f for f in SOURCE_FILES if (source / f).is_file()]
+    if found:
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in found:
+            shutil.copy2(f, dest / f.name)
+
+
 def save_hf(
     cfg: GPTConfig,
     sd: dict[str, torch.Tensor],
@@ -522,12 +545,15 @@ def save_hf(
     dtype: str = "fp32",
     max_shard_size: str | int = "5GB",
     consume: bool = False,
+    source: Path | None = None,
 ) -> Path:
     """Write `out/` so that stock transformers loads it offline: config.json,
     generation_config.json, model*.safetensors (sharded with an index above max_shard_size,
     as save_pretrained shards) and the tokenizer, whose special ids the config takes: a
     Hugging Face one's own files, or tokenizer.json made from a sentencepiece one (an object,
-    or the path of its .model file). consume=True empties `sd` (see `to_hf_state_dict`)."""
+    or the path of its .model file). consume=True empties `sd` (see `to_hf_state_dict`).
+    `source`: the `SOURCE_FILES` of the HF model the run started from; where the export is of
+    its type, its special token ids, generation config and chat template are written back."""
     quiet_import()
     import sentencepiece as spm
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -559,6 +585,13 @@ def save_hf(
             "rows: this is not the model's tokenizer"
         )
     hc = to_hf_config(cfg, eos_id=eos, bos_id=bos, pad_id=pad, dtype=dtype)
+    src_cfg = {}
+    if source is not None and (source / "config.json").is_file():
+        src_cfg = json.loads((source / "config.json").read_text())
+    same_type = src_cfg.get("model_type") == hc.model_type
+    for key in SPECIAL_IDS if same_type else ():
+        if key in src_cfg:  # the source's ids, e.g. Qwen's BOS that its tokenizer never adds
+            setattr(hc, key, src_cfg[key])
     weights = to_hf_state_dict(cfg, sd, DTYPES[dtype], consume=consume)
     # Built on the meta device (no init of weights that are overwritten at once), then the
     # converted tensors are assigned as its parameters.
@@ -572,9 +605,14 @@ def save_hf(
     model.generation_config = GenerationConfig(
         bos_token_id=hc.bos_token_id, eos_token_id=hc.eos_token_id, pad_token_id=hc.pad_token_id
     )
+    if same_type and source is not None and (source / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
+    for name in ("chat_template.jinja", "chat_template.json") if same_type else ():
+        if source is not None and (source / name).is_file():
+            shutil.copy2(source / name, out / name)
     if sp_model is None or kind == "hf":
         for f in files:  # as they are; a config it took its EOS from is the model's to write
             if f.name not in ("config.json", "generation_config.json"):

@@ -77,8 +77,16 @@ class RunDir:
             text = yaml.safe_dump(self.resolved, sort_keys=False)
             (self.path / "config.yaml").write_text(text)
 
-    def record_init_from(self, source: Path) -> None:
+    def record_init_from(self, source: Path, kind: str) -> None:
         """The weights a new run starts from, resolved (a run dir becomes its checkpoint), in
-        config.yaml, W&B's config and every checkpoint's config."""
+        config.yaml, W&B's config and every checkpoint's config; from a Hugging Face model (or
+        a run started from one), also its special token ids and chat template, which its
+        export writes back (`pretrain.hf.SOURCE_DIR`)."""
+        from pretrain import hf
+
         self.resolved["train"]["init_from"] = str(source.resolve())
         self.write_config()
+        if dist.is_main():
+            origin = source if kind == "hf" else source.parent.parent / hf.SOURCE_DIR
+            if kind in ("hf", "checkpoint") and origin.is_dir():
+                hf.keep_source_files(origin, self.path / hf.SOURCE_DIR)

@@ -48,5 +48,5 @@ def start_point(
     engine.load_model_weights(weights)
     if cfg.train.keep_sparsity:
         state.masked_weights = keep_zeros(engine.unwrapped(), weights)
-    run_dir.record_init_from(source.path)
+    run_dir.record_init_from(source.path, source.kind)
     return f" | weights from {run_dir.resolved['train']['init_from']}"

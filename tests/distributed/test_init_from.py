@@ -11,6 +11,7 @@ HF directories restate no `model.*`: the architecture comes from the source."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -98,6 +99,14 @@ def sources(
                             eos_token_id=tok.eos_id, max_position_embeddings=128)  # fmt: skip
         for f in tok.files:  # the tokenizer travels with the model, as on the hub
             shutil.copy(f, src / f.name)
+        if family == "mistral-nowindow":  # as an instruct model's hub files: ids its
+            # tokenizer does not give (a pad id, a second EOS), a sampling default, a template
+            hf_cfg = json.loads((src / "config.json").read_text())
+            (src / "config.json").write_text(json.dumps({**hf_cfg, "pad_token_id": 0}))
+            gen = json.loads((src / "generation_config.json").read_text())
+            gen.update(eos_token_id=[tok.eos_id, 0], temperature=0.6, do_sample=True)
+            (src / "generation_config.json").write_text(json.dumps(gen))
+            (src / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")  # fmt: skip
         out[family] = src
     return out
 
@@ -238,6 +247,18 @@ def test_hf_export_of_two_rank_checkpoints(
         tok = sources["tok-llama2"]
         for f in ("tokenizer.json", "tokenizer_config.json"):
             assert (out / f).read_bytes() == (tok / f).read_bytes(), f
+        # The source's special ids, generation defaults and chat template come back.
+        src = sources["mistral-nowindow"]
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        mine, its = (json.loads((d / "config.json").read_text()) for d in (out, src))
+        assert {k: mine[k] for k in ids} == {k: its[k] for k in ids} and its["pad_token_id"] == 0
+        gen = json.loads((out / "generation_config.json").read_text())
+        want = json.loads((src / "generation_config.json").read_text())
+        assert (gen["eos_token_id"], gen["temperature"]) == (want["eos_token_id"], 0.6)
+        assert (out / "chat_template.jinja").read_text() == (
+            src / "chat_template.jinja"
+        ).read_text()
+        assert theirs.generation_config.eos_token_id == want["eos_token_id"]
 
 
 @pytest.mark.timeout(600)
