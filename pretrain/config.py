@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -297,13 +298,38 @@ def validate(cfg: Config) -> None:
     non_negative: dict[str, float] = {
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.l1": cfg.optim.l1,
+        "optim.grad_clip": cfg.optim.grad_clip,
         "train.early_stop_patience": cfg.train.early_stop_patience,
         "train.early_stop_min_delta": cfg.train.early_stop_min_delta,
         "train.host_mmap_threshold_kib": cfg.train.host_mmap_threshold_kib,
+        "train.global_batch_tokens": cfg.train.global_batch_tokens,
+        "train.stop_at_step": cfg.train.stop_at_step,
+        "train.eval_every": cfg.train.eval_every,
+        "train.eval_batches": cfg.train.eval_batches,
+        "schedule.warmup_steps": cfg.schedule.warmup_steps,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
     }
     for key, number in non_negative.items():
         if number < 0:
             raise ConfigError(f"{key}={number} must be 0 (off) or positive")
+    at_least = {"data.num_workers": (cfg.data.num_workers, 0), "data.seed": (cfg.data.seed, 0),
+                "data.partitions": (cfg.data.partitions, 1), "optim.lr": (cfg.optim.lr, 0)}  # fmt: skip
+    for key, (count, low) in at_least.items():
+        if count < low:
+            raise ConfigError(f"{key}={count} must be at least {low}")
+    in_range = {
+        "optim.beta1": (cfg.optim.beta1, 0.0, 1.0, False),
+        "optim.beta2": (cfg.optim.beta2, 0.0, 1.0, False),
+        "schedule.min_lr_ratio": (cfg.schedule.min_lr_ratio, 0.0, 1.0, True),
+        "schedule.decay_fraction": (cfg.schedule.decay_fraction, 0.0, 1.0, True),
+    }
+    for key, (fraction, lo, hi, closed) in in_range.items():
+        if not (lo <= fraction <= hi if closed else lo <= fraction < hi):
+            raise ConfigError(f"{key}={fraction} must be in [{lo}, {hi}{']' if closed else ')'}")
+    if not cfg.optim.eps > 0:
+        raise ConfigError(f"optim.eps={cfg.optim.eps} must be positive (e.g. 1e-8)")
+    if cfg.optim.lr == 0:
+        warnings.warn("optim.lr=0: the weights will not change", stacklevel=2)
     if cfg.train.host_mmap_threshold_kib > 32 * 1024:  # glibc's ceiling (HEAP_MAX_SIZE / 2)
         raise ConfigError(
             f"train.host_mmap_threshold_kib={cfg.train.host_mmap_threshold_kib} is above glibc's "

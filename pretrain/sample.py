@@ -6,6 +6,7 @@ into one process (`pretrain.pretrained.load_pretrained`).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,22 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, TextTokenize
     return loaded.model, loaded.tokenizer
 
 
+def check(cfg: SampleConfig) -> None:
+    """One line (SourceError) for a value that generation cannot take."""
+    for key, value, ok, want in (
+        ("num_samples", cfg.num_samples, cfg.num_samples >= 1, "at least 1"),
+        ("max_new_tokens", cfg.max_new_tokens, cfg.max_new_tokens >= 1, "at least 1"),
+        ("temperature", cfg.temperature, cfg.temperature >= 0, ">= 0 (0 = greedy)"),
+        ("top_k", cfg.top_k, cfg.top_k >= 0, ">= 0 (0 = off)"),
+        ("top_p", cfg.top_p, 0 < cfg.top_p <= 1, "in (0, 1] (1 = off)"),
+        ("device", cfg.device, cfg.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
+    ):
+        if not ok:
+            raise SourceError(f"{key}={value!r}: must be {want}")
+
+
 def sample(cfg: SampleConfig) -> list[str]:
+    check(cfg)
     device = (
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -81,7 +97,11 @@ def sample(cfg: SampleConfig) -> list[str]:
 
 @hydra.main(config_path=None, config_name="sample", version_base=None)
 def main(cfg: SampleConfig) -> None:
-    for i, text in enumerate(sample(cfg)):
+    try:
+        texts = sample(cfg)
+    except SourceError as e:  # a bad value or path: one line, no traceback
+        sys.exit(f"sample: error: {e}")
+    for i, text in enumerate(texts):
         print(f"----- sample {i} -----\n{text}\n", flush=True)
 
 

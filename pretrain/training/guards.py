@@ -138,6 +138,15 @@ class Stops:
         steps only (the ranks synchronise there anyway)."""
         return self.engine.any_rank(self.preemption.signum is not None)
 
+    def before(self, step: int) -> str | None:
+        """Why a run resumed at `step` has nothing to train, or None."""
+        if 0 < self.stop_at_step <= step:
+            return (
+                f"nothing to train: the run is at step {step}, at or past train.stop_at_step="
+                f"{self.stop_at_step}. To train on, raise it (or set it to 0)."
+            )
+        return None
+
     def after(self, step: int, *, preempted: bool, pruned: bool) -> Stop | None:
         if preempted:
             code = EXIT_REQUEUE if step < self.max_steps else 0

@@ -86,6 +86,9 @@ def train(cfg: Config) -> RunEnd:
             f"{validator.why_stopped}. To train on, raise train.early_stop_patience (or set it "
             "to 0)."
         )
+    idle = stops.before(state.step)
+    if idle:
+        metrics.print(idle)
 
     # ---- loop ----------------------------------------------------------------------------
     batches = state.start()  # last before the loop: the saved RNG streams come back here
@@ -93,7 +96,7 @@ def train(cfg: Config) -> RunEnd:
     guard = DivergenceGuard(engine)
     meter = Throughput(engine, tokens_per_step, flops_per_token(model_cfg, cfg.train.seq_len))
     stop: Stop | None = None
-    while state.step < cfg.train.max_steps and not validator.stopped_early:
+    while state.step < cfg.train.max_steps and not validator.stopped_early and not idle:
         step_loss = torch.zeros((), device=engine.device)
         for micro in range(accum):
             x, y = next(batches)  # [micro_batch, seq_len] each

@@ -571,3 +571,21 @@ def test_large_l1_zeroes_most_matmul_weights_on_the_test_corpus(
     assert small(final, [n for n in rest if n.endswith(".bias")]) < 0.5
     gains = [n for n in rest if "ln" in n and n.endswith(".weight")]
     assert gains and all(final[n].min() > 0.5 for n in gains)  # norm gains stay near 1
+
+
+@pytest.mark.timeout(200)
+def test_a_run_resumed_past_stop_at_step_trains_nothing(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ok(train_cli(tiny_data, run, "train.stop_at_step=4", "checkpoint.every=100"))
+    out = ok(train_cli(tiny_data, run, "train.stop_at_step=2", "checkpoint.every=100")).stdout
+    assert "nothing to train: the run is at step 4, at or past train.stop_at_step=2" in out
+    assert max(losses(run)) == 4 and len(losses(run)) == 4  # no step trained, none twice
+
+    # A bad sampling value: one line, no traceback.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.sample", f"checkpoint={run}", "max_new_tokens=-3"],
+        cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "sample: error: max_new_tokens=-3: must be at least 1"
+    ], proc.stderr[-2000:]
