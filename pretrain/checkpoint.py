@@ -190,6 +190,12 @@ def save(
         if native_saver is not None:
             native_saver(str(tmp / "deepspeed"))
     except (OSError, RuntimeError, CheckpointException) as e:
+        if isinstance(e, CheckpointException) and any(
+            isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()
+        ):  # Ctrl-C twice during the write: an interruption, not a failed disk
+            if dist.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise KeyboardInterrupt from e
         # torch.save reports a failed write as RuntimeError, DCP as CheckpointException.
         local_error = _describe(e)
         failed_here = not isinstance(e, CheckpointException) or dist.rank() in e.failures

@@ -1,8 +1,9 @@
 """Named points where a test makes this process fail for real, at an exact moment.
 
 `PRETRAIN_FAILPOINT=<name>` (optionally `<name>@<n>`, and/or `:raise`) in a process's
-environment makes the point of that name SIGKILL the process (a crash: nothing runs after it)
-or, with `:raise`, raise `FailpointError` (an ordinary exception in the middle of the work).
+environment makes the point of that name SIGKILL the process (a crash: nothing runs after it),
+with `:raise`, raise `FailpointError` (an ordinary exception in the middle of the work), or,
+with `:interrupt`, send the process a SIGINT (a Ctrl-C at that moment).
 `@<n>` fires on the n-th time the process reaches the point (the first by default): e.g. in the
 second of several runs one process makes in turn. Tests set it for one process only, so "one
 rank dies here" needs no race against a timer. Unset, a point costs one string comparison.
@@ -31,4 +32,7 @@ def failpoint(name: str) -> None:
         return
     if _SPEC.endswith(":raise"):
         raise FailpointError(f"failpoint {name} (PRETRAIN_FAILPOINT={_SPEC})")
+    if _SPEC.endswith(":interrupt"):
+        os.kill(os.getpid(), signal.SIGINT)
+        return
     os.kill(os.getpid(), signal.SIGKILL)

@@ -127,6 +127,7 @@ class Metrics:
         self.sync_hint: str | None = None  # set when this run logs offline after asking online
         error: str | None = None
         if self.main:
+            _drop_steps_after(run_dir / "metrics.jsonl", start_step)
             self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives with the run
             if progress and sys.stderr.isatty():
                 from tqdm import tqdm
@@ -338,6 +339,21 @@ def _from_rank0(error: str | None) -> str | None:
     box = [error]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _drop_steps_after(path: Path, step: int) -> None:
+    """A resumed run re-does the steps after its checkpoint: their rows from before (logged
+    between that checkpoint and the interruption) go, so that no step appears twice. Rewritten
+    to a temp file and renamed: a full disk leaves the old file."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -6,7 +6,8 @@ status. The run itself is `pretrain.training.loop.train(cfg)`.
 Exit status: 0 when max_steps (or train.stop_at_step) is reached or early stopping ends the run
 (`train.early_stop_patience`: saved, `best` marked); 75 (EX_TEMPFAIL) after
 SIGTERM/SIGUSR1, acted on at the next logging step with a checkpoint saved, so that a launcher
-requeues the job; 1 with a one-line message for a bad config, bad data, a NaN loss, a failed
+requeues the job; 130 after Ctrl-C (SIGINT), saved the same way (a second Ctrl-C within 5 s
+stops at once, unsaved, also 130); 1 with a one-line message for a bad config, bad data, a NaN loss, a failed
 checkpoint save, or W&B that cannot start with logging.wandb_mode=online. In a multirun (`-m`,
 pretrain/sweep/) a trial's result or failure goes to the sweeper instead, which goes on (or
 stops, as configured); a preempted trial still ends the whole sweep with 75.
@@ -28,8 +29,10 @@ from pretrain.data.shards import DataError
 from pretrain.engine import process_group
 from pretrain.metrics import WandbUnavailable
 from pretrain.sweep import trial as sweep_trial
-from pretrain.training.guards import EXIT_REQUEUE, NonFiniteLoss
+from pretrain.training.guards import EXIT_INTERRUPTED, EXIT_REQUEUE, NonFiniteLoss
 from pretrain.training.loop import RunEnd, train
+
+INTERRUPTED = "interrupted"  # run()'s error for a second Ctrl-C
 
 EXPECTED_ERRORS = (
     ConfigError,
@@ -50,6 +53,14 @@ def run(cfg: DictConfig) -> tuple[RunEnd | None, str]:
     except BaseException as e:
         if isinstance(e, SystemExit) and not e.code:
             raise
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C twice: at once, unsaved, one line
+            print(
+                "interrupted twice: stopped at once without saving; the last checkpoint is kept "
+                "and the same command continues from it",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None, INTERRUPTED
         # Every rank learns of the failure at once (dist.watch_peers); only the job's first
         # failure is reported: later ones on other ranks are its consequences.
         first = dist.report_failure(f"{type(e).__name__}: {e}")
@@ -76,7 +87,7 @@ def _main(cfg: DictConfig) -> float | None:
     # Hydra's basic launcher runs the next trial in this same process.
     with sweep_trial.restored_process() if multirun else contextlib.nullcontext():
         end, error = run(cfg)
-        code = 1 if end is None else end.exit_code
+        code = (EXIT_INTERRUPTED if error == INTERRUPTED else 1) if end is None else end.exit_code
         result = None
         if code == 0 and end is not None and cfg.sweep.dir:  # still holding the trial's dir
             result = sweep_trial.finish(cfg, end.step, end.tokens_seen, end.pruned, started)

@@ -178,6 +178,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
     # that died of the signal would crash it first. Workers exit when their parent does.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
 
 
 class _RankDataset(IterableDataset):

@@ -4,6 +4,7 @@ trial's rank 0 on its run directory (`trial.claim_run_dir`)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -29,7 +30,8 @@ class DirLock:
             return holder
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}, started {started}\n")
         f.flush()
         self.file = f  # type: ignore[assignment]
         return None

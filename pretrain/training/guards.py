@@ -11,6 +11,9 @@ Stops            the early ends after a step, in one order, each with its messag
 from __future__ import annotations
 
 import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from pretrain.engine import Engine
 from pretrain.training.validate import Validator
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again", which launchers read as "requeue me"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C; launchers do not requeue it
 
 
 class NonFiniteLoss(RuntimeError):
@@ -30,16 +34,37 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; at the next logging step the loop saves and exits 75.
-    Installed first thing in a run: a signal during a slow start-up must not kill it unsaved."""
+    """SIGTERM / SIGUSR1 set a flag; at the next logging step the loop saves and exits 75 (a
+    launcher requeues the job). The first SIGINT (Ctrl-C) does the same but exits 130; a second
+    one within INTERRUPT_AGAIN_S stops at once, unsaved (KeyboardInterrupt). Installed first
+    thing in a run: a signal during a slow start-up must not kill it unsaved."""
+
+    INTERRUPT_AGAIN_S = 5.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._interrupted_at = 0.0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.signum == signal.SIGINT and now - self._interrupted_at < self.INTERRUPT_AGAIN_S:
+            raise KeyboardInterrupt
+        self._interrupted_at = now
+        if self.signum is None:
+            self.signum = signum
+            print(
+                "interrupted: saving at the next logging step, then exiting (Ctrl-C again "
+                f"within {self.INTERRUPT_AGAIN_S:.0f} s stops at once, unsaved)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class DivergenceGuard:
@@ -78,7 +103,7 @@ class Stop:
     """An early end of the loop, decided after a step (the checkpoint it needs is saved
     before the loop acts on it)."""
 
-    kind: str  # preempted, stop_at_step, early_stop, pruned
+    kind: str  # preempted, interrupted, stop_at_step, early_stop, pruned
     step: int
     exit_code: int
     detail: str = ""
@@ -91,6 +116,11 @@ class Stop:
         """What the run says as it stops (after the checkpoint was saved)."""
         if self.kind == "preempted":
             return f"preempted ({self.detail}) at step {self.step}: saved, exiting"
+        if self.kind == "interrupted":
+            return (
+                f"interrupted (Ctrl-C) at step {self.step}: saved, exiting; the same command "
+                "continues the run"
+            )
         if self.kind == "stop_at_step":
             return f"train.stop_at_step={self.step} reached: saved, exiting"
         if self.kind == "early_stop":
@@ -149,6 +179,8 @@ class Stops:
 
     def after(self, step: int, *, preempted: bool, pruned: bool) -> Stop | None:
         if preempted:
+            if self.preemption.signum == signal.SIGINT:
+                return Stop("interrupted", step, EXIT_INTERRUPTED if step < self.max_steps else 0)
             code = EXIT_REQUEUE if step < self.max_steps else 0
             return Stop("preempted", step, code, f"signal {self.preemption.signum}")
         if 0 < self.stop_at_step <= step:

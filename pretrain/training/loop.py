@@ -135,6 +135,7 @@ def train(cfg: Config) -> RunEnd:
     pruned = stop is not None and stop.pruned
     metrics.finish(state.step == cfg.train.max_steps or validator.stopped_early or pruned)
     dist.barrier()
+    run_dir.release()
     return RunEnd(stop.exit_code if stop else 0, state.step, state.tokens_seen, pruned)
 
 

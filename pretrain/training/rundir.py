@@ -18,11 +18,31 @@ from typing import Any
 import yaml
 
 from pretrain import dist
-from pretrain.config import Config, to_dict
+from pretrain.config import Config, ConfigError, to_dict
 from pretrain.data.format import DataError, Manifest
 from pretrain.data.shards import data_tokenizer
 from pretrain.model import GPTConfig
+from pretrain.sweep.lock import DirLock
 from pretrain.tokenizer import TokenizerError, describe, find_tokenizer, load_tokenizer
+
+LOCK = ".run.lock"  # held by rank 0 of the trainer that uses the run dir (fcntl.flock)
+_held: dict[Path, DirLock] = {}  # the run dirs this process holds
+
+
+def hold(path: Path) -> None:
+    """Take the run dir's lock, or refuse with who holds it. The kernel releases a lock when its
+    holder exits or is killed, so a crashed, killed or requeued run never blocks the next."""
+    if path.resolve() in _held:  # this process already runs in it (a sweep's next trial)
+        return
+    lock = DirLock(path / LOCK)
+    holder = lock.acquire()
+    if holder is not None:
+        raise ConfigError(
+            f"run.dir={path} is in use by a live run ({holder}): two trainers would write the "
+            "same checkpoints and metrics. Wait for it to end or stop it, or give this run "
+            "another run.dir"
+        )
+    _held[path.resolve()] = lock
 
 
 class RunDir:
@@ -35,10 +55,12 @@ class RunDir:
 
     @classmethod
     def create(cls, cfg: Config, model_cfg: GPTConfig, manifest: Manifest) -> RunDir:
-        """Collective. Rank 0 writes the resolved config (with the vocabulary taken from the
-        data) and, once, the tokenizer copy; every rank learns the tokenizer hash the data must
-        have: the copy's, once there is one."""
+        """Collective. Rank 0 takes the run dir's lock (one trainer per run dir), writes the
+        resolved config (with the vocabulary taken from the data) and, once, the tokenizer copy;
+        every rank learns the tokenizer hash the data must have: the copy's, once there is one."""
         path = Path(cfg.run.dir)
+        if dist.is_main():
+            hold(path)
         resolved = to_dict(cfg)  # type: ignore[arg-type]
         # The model as built: the vocabulary taken from the data, or a source's architecture.
         resolved["model"] = dataclasses.asdict(model_cfg)
@@ -69,6 +91,12 @@ class RunDir:
             data_tokenizer(manifest, allow_pipe=cfg.data.allow_pipe).save(path)
         dist.barrier()
         return run_dir
+
+    def release(self) -> None:
+        """Rank 0: give the run dir's lock back (the end of the run)."""
+        lock = _held.pop(self.path.resolve(), None)
+        if lock is not None:
+            lock.release()
 
     def write_config(self) -> None:
         """Rank 0: the resolved config as config.yaml."""

@@ -284,12 +284,13 @@ def test_config_and_sample(tiny_data: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_preemption_signal_saves_and_exits_for_requeue(
     tiny_data: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:
     """The signal goes to the whole process group, DataLoader workers included, as Slurm
-    delivers it: the step finishes, a checkpoint is saved, the exit status is 75."""
+    (or a terminal's Ctrl-C) delivers it: the step finishes, a checkpoint is saved, the exit
+    status is 75 (requeue me), 130 after Ctrl-C."""
     import os
     import time
 
@@ -308,8 +309,9 @@ def test_preemption_signal_saves_and_exits_for_requeue(
         time.sleep(0.2)
     os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err[-3000:]
-    assert "preempted" in out
+    assert proc.returncode == (130 if sig == signal.SIGINT else 75), err[-3000:]
+    assert ("interrupted (Ctrl-C)" if sig == signal.SIGINT else "preempted") in out
+    assert "Traceback" not in err, err[-3000:]
     saved = checkpoint.find_resume(run / "checkpoints", "auto")
     assert saved is not None
     step = json.loads((saved / "train_state.json").read_text())["step"]
@@ -589,3 +591,63 @@ def test_a_run_resumed_past_stop_at_step_trains_nothing(tiny_data: Path, tmp_pat
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "sample: error: max_new_tokens=-3: must be at least 1"
     ], proc.stderr[-2000:]
+
+
+def _start(data: Path, run: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pretrain.train", "experiment=debug", f"data.dir={data}",
+           f"run.dir={run}", "train.max_steps=100000", *extra]  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env or test_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_for_rows(run: Path, n: int) -> None:
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= n
+    ):
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(300)
+def test_one_trainer_per_run_dir_and_no_step_logged_twice(tiny_data: Path, tmp_path: Path):
+    """A second trainer on a live run's dir is refused naming the holder; once the holder is
+    SIGKILLed (past its last checkpoint) the next start takes the dir over and resumes, and the
+    steps between that checkpoint and the kill are in metrics.jsonl once."""
+    import os
+
+    run = tmp_path / "run"
+    first = _start(tiny_data, run, "checkpoint.every=4")
+    _wait_for_rows(run, 7)
+    second = train_cli(tiny_data, run, "train.max_steps=10")
+    assert second.returncode == 1
+    errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"is in use by a live run (pid {first.pid} on" in errors[0]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate(timeout=60)
+    killed_at = max(losses(run))
+    assert killed_at >= 7
+    out = ok(train_cli(tiny_data, run, f"train.max_steps={killed_at + 2}")).stdout
+    assert "resumed from" in out
+    steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+    assert steps == list(range(1, killed_at + 3))  # each once, in order
+
+
+@pytest.mark.timeout(200)
+def test_ctrl_c_twice_stops_at_once_unsaved(tiny_data: Path, tmp_path: Path) -> None:
+    import os
+
+    run = tmp_path / "run"
+    # The second Ctrl-C comes in the middle of the save the first one asked for.
+    env = test_env(PRETRAIN_FAILPOINT="checkpoint.after_tensors:interrupt")
+    proc = _start(tiny_data, run, "checkpoint.every=100000", "data.num_workers=2", env=env)
+    _wait_for_rows(run, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted twice: stopped at once without saving" in err
+    assert "Traceback" not in err, err[-3000:]
+    assert checkpoint.find_resume(run / "checkpoints", "auto") is None
