@@ -196,13 +196,42 @@ def parse_args(argv: list[str]) -> EvalConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+def _non_finite(value: Any, path: str = "") -> list[str]:
+    """The keys (dotted) of the non-finite numbers in a result."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, f"{path}.{k}" if path else k)]
+    return []
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(parse_args(sys.argv[1:] if argv is None else argv))
     except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    print(json.dumps(result), flush=True)
+    bad = [k for k in _non_finite(result) if not k.endswith("tokens_per_s")]
+    # JSON has no NaN: such numbers are written as null, and the exit status says it.
+    print(json.dumps(_finite_or_null(result), allow_nan=False), flush=True)
+    if bad:
+        print(
+            f"error: {', '.join(bad)} not finite: the model's weights give NaN/inf (a checkpoint "
+            "saved after the loss diverged, or a damaged file); evaluate an earlier checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0
 
 

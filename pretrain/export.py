@@ -118,10 +118,46 @@ def _export_compressed_hf(src: Path, out: str | Path, dtype: str, max_shard_size
     )  # fmt: skip
 
 
+# What an HF export writes: with --overwrite, these are removed from the target first, so that
+# nothing of an earlier export (a shard index, shards of another size) is left stale beside it.
+HF_OUTPUTS = (
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+def _make_room(out: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse a target that holds something (unless `overwrite`: then clear what an export
+    writes)."""
+    if fmt == "safetensors":
+        if out.exists() and not overwrite:
+            raise ValueError(f"{out} exists: pass --overwrite to replace it, or another path")
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: an HF export writes a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"{out} is not empty: pass --overwrite to replace an earlier export there (its "
+                "weights, config and tokenizer files are removed first), or give an empty or "
+                "new directory"
+            )
+        for pattern in HF_OUTPUTS:
+            for f in out.glob(pattern):
+                f.unlink()
+
+
 def export(
-    src: str | Path, out: str | Path, fmt: str = "auto", dtype: str = "fp32", **hf_kw: str
+    src: str | Path,
+    out: str | Path,
+    fmt: str = "auto",
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    **hf_kw: str,
 ) -> Path:
-    """`export_hf` or `export_safetensors`; fmt=auto picks safetensors for a .safetensors out."""
+    """`export_hf` or `export_safetensors`; fmt=auto picks safetensors for a .safetensors out.
+    A target that holds something is refused unless `overwrite`."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: choose one of {', '.join(FORMATS)}")
     is_file = str(out).endswith(".safetensors")
@@ -132,6 +168,9 @@ def export(
             f"--format hf writes a directory, but {out} names a .safetensors file: give a "
             "directory, or drop --format hf for our own single-file format"
         )
+    if not is_compressed_dir(src):
+        resolve(src)  # a missing or incomplete source is named before anything is touched
+    _make_room(Path(out), fmt, overwrite)
     if fmt == "safetensors":
         return export_safetensors(src, out, dtype)
     return export_hf(src, out, dtype, **hf_kw)
@@ -168,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in out (otherwise a non-empty target is refused)",
+    )
+    ap.add_argument(
         "--max-shard-size",
         default="5GB",
         help="hf: largest weight file; bigger models are split, with an index (default 5GB)",
@@ -175,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         path = export(
-            args.src, args.out, args.format, args.dtype, max_shard_size=args.max_shard_size
-        )
+            args.src, args.out, args.format, args.dtype, args.overwrite,
+            max_shard_size=args.max_shard_size,
+        )  # fmt: skip
     except (CheckpointError, OSError, ValueError) as e:  # HFError, SourceError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -309,6 +309,13 @@ def _clean_leftovers(out: Path) -> None:
 def _validate(cfg: PrepareConfig) -> None:
     if cfg.output in (None, "", MISSING):
         raise PrepareError("output is required: e.g. output=data/stdlib")
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise PrepareError(f"output={cfg.output} is a file: give a directory (new or prepared)")
+    if cfg.tokenizer.path is None and cfg.tokenizer.vocab_size <= 260:
+        raise PrepareError(
+            f"tokenizer.vocab_size={cfg.tokenizer.vocab_size}: a tokenizer trained here holds 256 "
+            "byte pieces and 4 special ids, so it needs more than 260 (e.g. 8192)"
+        )
     if cfg.shard_tokens < 1:
         raise PrepareError(f"shard_tokens={cfg.shard_tokens} must be >= 1 (e.g. 1048576).")
     if cfg.val_shard_tokens is not None and cfg.val_shard_tokens < 1:

@@ -165,3 +165,34 @@ def test_init_from_and_an_explicit_resume_are_refused_together() -> None:
         validate(make_cfg("train.init_from=/a/run", "checkpoint.resume=/b/ckpt"))
     validate(make_cfg("train.init_from=/a/run"))  # resume=auto: a requeued job resumes
     validate(make_cfg("train.init_from=/a/run", "checkpoint.resume=none"))
+
+
+def test_non_finite_results_exit_non_zero_and_stay_valid_json(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint whose weights hold NaN: the JSON line parses (null for NaN), the exit status
+    is 1 and one error line says which figures and what to do."""
+    import shutil
+    from dataclasses import asdict
+
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from pretrain import checkpoint
+    from pretrain.data import read_manifest
+    from pretrain.eval import main
+
+    model = tiny_model(vocab_size=read_manifest(tiny_data).vocab_size)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    run = tmp_path / "run"
+    checkpoint.save(
+        run / "checkpoints", 1, {"model": get_model_state_dict(model)}, {"step": 1},
+        {"model": asdict(model.cfg), "data": {"dir": str(tiny_data)}}, keep_last=1,
+    )  # fmt: skip
+    shutil.copy(tiny_data / "tokenizer.model", run / "tokenizer.model")
+    assert main([f"checkpoint={run}", f"data.dir={tiny_data}", "max_documents=2"]) == 1
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["loss"] is None and result["ppl"] is None
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "loss" in errors[0] and "not finite" in errors[0]

@@ -66,6 +66,10 @@ def test_cli(ckpt: tuple[Path, GPT], tmp_path: Path, capsys: pytest.CaptureFixtu
     assert (tmp_path / "m.safetensors").is_file()
     assert main([str(tmp_path / "nothing"), str(tmp_path / "x.safetensors")]) == 1
     assert "neither a complete checkpoint nor a run directory" in capsys.readouterr().err
+    # An existing file is replaced only when asked.
+    assert main([str(path), str(tmp_path / "m.safetensors")]) == 1
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+    assert main([str(path), str(tmp_path / "m.safetensors"), "--overwrite"]) == 0
 
 
 def test_hf_format_refusals(

@@ -221,6 +221,17 @@ def test_export_from_a_checkpoint_with_a_hugging_face_tokenizer(
     )
     assert ckpt.is_dir()
 
+    # Into the same directory again: refused, unless --overwrite, which leaves nothing stale
+    # (here: the shard index of an earlier export with smaller shards).
+    (out / "model.safetensors.index.json").write_text("{}")
+    (out / "notes.txt").write_text("the user's")
+    assert main([str(tmp_path / "run"), str(out), "--format", "hf"]) == 1
+    assert (out / "model.safetensors.index.json").exists()
+    assert main([str(tmp_path / "run"), str(out), "--format", "hf", "--overwrite"]) == 0
+    assert not (out / "model.safetensors.index.json").exists()
+    assert (out / "notes.txt").read_text() == "the user's"  # not an export's file: kept
+    assert exported_config(out)["architectures"] == ["Qwen2ForCausalLM"]
+
 
 # ---- what is not read, and why ---------------------------------------------------------------
 

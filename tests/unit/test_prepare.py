@@ -472,3 +472,14 @@ def test_fine_tuning_records_mask_the_prompt(tiny_data: Path, tmp_path: Path):
                     assert ext == "loss.u8"
                     got[last] = data
     assert got == expected
+
+
+def test_an_output_that_is_a_file_and_a_too_small_vocabulary_are_refused(tmp_path: Path):
+    corpus = make_corpus(tmp_path / "corpus", n_files=3)
+    (tmp_path / "taken").write_text("a file of the user's")
+    with pytest.raises(PrepareError, match="is a file: give a directory"):
+        run_prepare(tiny_config(corpus, tmp_path / "taken"))
+    assert (tmp_path / "taken").read_text() == "a file of the user's"
+    with pytest.raises(PrepareError, match=r"tokenizer.vocab_size=-5: .* more than 260"):
+        run_prepare(tiny_config(corpus, tmp_path / "out", tokenizer=TokenizerConfig(vocab_size=-5)))
+    assert not (tmp_path / "out").exists()
