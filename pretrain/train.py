@@ -16,6 +16,7 @@ stops, as configured); a preempted trial still ends the whole sweep with 75.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -33,6 +34,8 @@ from pretrain.training.guards import EXIT_INTERRUPTED, EXIT_REQUEUE, NonFiniteLo
 from pretrain.training.loop import RunEnd, train
 
 INTERRUPTED = "interrupted"  # run()'s error for a second Ctrl-C
+# A full disk or quota, or a file-size limit: said in one line, whatever was being written.
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 EXPECTED_ERRORS = (
     ConfigError,
@@ -64,6 +67,16 @@ def run(cfg: DictConfig) -> tuple[RunEnd | None, str]:
         # Every rank learns of the failure at once (dist.watch_peers); only the job's first
         # failure is reported: later ones on other ranks are its consequences.
         first = dist.report_failure(f"{type(e).__name__}: {e}")
+        if isinstance(e, OSError) and e.errno in FULL_DISK:
+            if first:
+                print(
+                    f"error: the disk is full writing {e.filename or 'a file'} ({e.strerror}): "
+                    "free space under run.dir (or point run.dir at a volume with room), then run "
+                    "the same command; the run dir's files were written whole or not at all",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return None, f"OSError: {e.strerror}"
         if not isinstance(e, EXPECTED_ERRORS):
             if first:
                 raise  # a bug: Hydra prints the traceback

@@ -23,7 +23,13 @@ from pretrain.data.format import DataError, Manifest
 from pretrain.data.shards import data_tokenizer
 from pretrain.model import GPTConfig
 from pretrain.sweep.lock import DirLock
-from pretrain.tokenizer import TokenizerError, describe, find_tokenizer, load_tokenizer
+from pretrain.tokenizer import (
+    TokenizerError,
+    describe,
+    find_tokenizer,
+    load_tokenizer,
+    write_atomic,
+)
 
 LOCK = ".run.lock"  # held by rank 0 of the trainer that uses the run dir (fcntl.flock)
 _held: dict[Path, DirLock] = {}  # the run dirs this process holds
@@ -103,7 +109,7 @@ class RunDir:
         if dist.is_main():
             self.path.mkdir(parents=True, exist_ok=True)
             text = yaml.safe_dump(self.resolved, sort_keys=False)
-            (self.path / "config.yaml").write_text(text)
+            write_atomic(self.path / "config.yaml", text.encode())  # a full disk: old or none
 
     def record_init_from(self, source: Path, kind: str) -> None:
         """The weights a new run starts from, resolved (a run dir becomes its checkpoint), in

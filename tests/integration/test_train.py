@@ -651,3 +651,25 @@ def test_ctrl_c_twice_stops_at_once_unsaved(tiny_data: Path, tmp_path: Path) -> 
     assert "interrupted twice: stopped at once without saving" in err
     assert "Traceback" not in err, err[-3000:]
     assert checkpoint.find_resume(run / "checkpoints", "auto") is None
+
+
+def _limit_file_size_tiny() -> None:
+    # Smaller than the tokenizer: the first file a new run writes at start-up fails (EFBIG),
+    # as on a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+
+@pytest.mark.timeout(200)
+def test_a_full_disk_at_start_up_says_so_and_leaves_the_run_dir_usable(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    proc = train_cli(tiny_data, run, "train.max_steps=2", preexec_fn=_limit_file_size_tiny)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "the disk is full writing" in errors[0], proc.stderr[-2000:]
+    assert not [p for p in run.rglob("*") if p.is_file() and p.name != ".run.lock" and p.stat().st_size == 1024]  # fmt: skip
+    # With room again, the same command runs: nothing half-written stands in its way.
+    ok(train_cli(tiny_data, run, "train.max_steps=2"))
