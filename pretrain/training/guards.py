@@ -10,6 +10,7 @@ Stops            the early ends after a step, in one order, each with its messag
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -69,19 +70,24 @@ class Preemption:
 
 class DivergenceGuard:
     """Remembers whether a loss, or a gradient norm where the engine does not expect non-finite
-    ones (fp16's scaler skips such steps by design), was NaN/inf since the run started.
+    ones (fp16's scaler skips such steps by design), was NaN/inf since the run started, or
+    whether a loss exploded: above EXPLODED x ln(vocab_size), several times what a uniform
+    guess scores, which no healthy run logs (weights read from a damaged file, a blow-up).
 
     `check` is a collective, called at logging and checkpoint steps only: a per-step one would
     stall the GPU queue. It raises before weights that saw a NaN can reach a checkpoint, so the
     last good checkpoint survives."""
 
-    def __init__(self, engine: Engine) -> None:
+    EXPLODED = 4.0
+
+    def __init__(self, engine: Engine, vocab_size: int) -> None:
         self.engine = engine
+        self.limit = self.EXPLODED * math.log(max(vocab_size, 2))
         self.bad = torch.zeros((), dtype=torch.bool, device=engine.device)
         self.since = 0  # steps since the last check
 
     def observe(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.bad |= ~torch.isfinite(loss)
+        self.bad |= ~torch.isfinite(loss) | (loss.detach() > self.limit)
         if not self.engine.skips_overflow_steps:
             self.bad |= ~torch.isfinite(grad_norm.to(self.bad.device))
         self.since += 1
@@ -89,7 +95,8 @@ class DivergenceGuard:
     def check(self, step: int, last_good: Path | None) -> None:
         if self.engine.any_rank(bool(self.bad.item())):
             raise NonFiniteLoss(
-                f"the loss became NaN/inf between step {step - self.since} and step {step}. "
+                f"the loss became NaN/inf, or exploded past {self.limit:.1f} ({self.EXPLODED:g} x "
+                f"a uniform guess's), between step {step - self.since} and step {step}. "
                 f"Nothing was saved after it; the last good checkpoint is "
                 f"{last_good or 'none'}. Lower optim.lr, raise schedule.warmup_steps, use "
                 "precision=bf16 instead of fp16, or check the data; then resume with "

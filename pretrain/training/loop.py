@@ -93,7 +93,7 @@ def train(cfg: Config) -> RunEnd:
     # ---- loop ----------------------------------------------------------------------------
     batches = state.start()  # last before the loop: the saved RNG streams come back here
     schedule = Schedule.from_config(cfg.optim, cfg.schedule, cfg.train.max_steps)
-    guard = DivergenceGuard(engine)
+    guard = DivergenceGuard(engine, model_cfg.vocab_size)
     meter = Throughput(engine, tokens_per_step, flops_per_token(model_cfg, cfg.train.seq_len))
     stop: Stop | None = None
     while state.step < cfg.train.max_steps and not validator.stopped_early and not idle:
