@@ -10,6 +10,7 @@ Layout of `<run.dir>/checkpoints/`:
                              state, W&B run id, early stopping, ...        } training/state.py)
         config.yaml          the resolved config of the run that wrote it
         deepspeed/           (ZeRO strategies) DeepSpeed's own format, for `zero_to_fp32`
+        checksums.json       size and CRC-32 of every file above (`verify`)
         COMPLETE             written last: a directory without it is not a checkpoint
     latest                   names the newest complete checkpoint; it moves last
     best                     names the checkpoint with the best validation loss (written when
@@ -19,6 +20,14 @@ A save writes into `.tmp-step_.../`, syncs every file, and renames the directory
 only when all ranks are done; a crash at any moment leaves the previous checkpoint and
 `latest` untouched. Nothing is unpickled on load: tensors go through DCP or
 `torch.load(weights_only=True)`, everything else is JSON or YAML.
+
+Verified: once every rank's files are written, the ranks share out the files and compute each
+one's CRC-32 (zlib's, ~1 GB/s per rank), and rank 0 records them in checksums.json before the
+checkpoint becomes complete. Every reader checks them first (`verify`): a resume (the ranks
+share out the check), `init_from`, export, eval, sample, compress. With `checkpoint.resume=
+auto` a damaged checkpoint (a file changed, truncated or missing) is moved aside as
+`damaged-step_...` with one line saying why, and the newest intact one is used; a named one
+that is damaged stops the run. Checkpoints from before checksums.json existed load unchecked.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import json
 import os
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +54,8 @@ from pretrain.failpoint import failpoint
 warnings.filterwarnings("ignore", message=".*assuming the intent is to")
 
 COMPLETE = "COMPLETE"
+CHECKSUMS = "checksums.json"
+_CHUNK = 8 << 20
 LATEST = "latest"
 BEST = "best"
 POINTERS = (LATEST, BEST)  # files in the checkpoint root that name one of its checkpoints
@@ -82,6 +94,58 @@ def _write_text(path: Path, text: str) -> None:
 
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and (path / "train_state.json").is_file()
+
+
+def _crc(path: Path) -> tuple[int, int]:
+    """(size, CRC-32) of a file."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, crc
+
+
+def _files(path: Path) -> list[str]:
+    """Every file of a checkpoint directory (relative, sorted), the bookkeeping ones aside."""
+    skip = {COMPLETE, CHECKSUMS}
+    return sorted(
+        str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in skip
+    )
+
+
+def _check(path: Path, listed: dict[str, list[int]], names: list[str]) -> str | None:
+    for name in names:
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size, crc = _crc(f)
+        if size != listed[name][0]:
+            return f"{name} has {size:,} bytes, {listed[name][0]:,} were written (truncated?)"
+        if crc != listed[name][1]:
+            return f"{name} does not hold the bytes that were written (CRC-32 differs)"
+    return None
+
+
+def verify(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None when checkpoint `path` is intact; else what is wrong, in a few words. `share`
+    (r, n): check only the files r, r + n, ... (a rank's part of a collective check)."""
+    if not (path / "dcp" / ".metadata").is_file():
+        return "dcp/.metadata is missing"
+    try:
+        listed = json.loads((path / CHECKSUMS).read_text())["files"]
+    except FileNotFoundError:
+        return None  # written before checkpoints had checksums: nothing to check against
+    except (ValueError, KeyError):
+        return f"{CHECKSUMS} is damaged"
+    names = sorted(listed)
+    return _check(path, listed, names[share[0] :: share[1]])
+
+
+def verify_collective(path: Path) -> str | None:
+    """Collective `verify`: every rank checks its share of the files; all get the verdict."""
+    problems = dist.gather_objects(verify(path, (dist.rank(), dist.world_size())))
+    return next((p for p in problems if p is not None), None)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -208,10 +272,17 @@ def save(
             dist.await_peer_report()  # the rank whose write failed says so, not this one
         _give_up(root, tmp, final, "; ".join(dict.fromkeys(failed)))  # each cause once
     failpoint("checkpoint.after_tensors")
+    # Every rank's files are written: the ranks share out their checksums.
+    names = [n for n in _files(tmp) if n not in ("train_state.json", "config.yaml")]
+    mine = {n: list(_crc(tmp / n)) for n in names[dist.rank() :: dist.world_size()]}
+    sums = {n: v for part in dist.gather_objects(mine) for n, v in part.items()}
     if dist.is_main():
         try:
             _write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
             _write_text(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+            for name in ("train_state.json", "config.yaml"):
+                sums[name] = list(_crc(tmp / name))
+            _write_text(tmp / CHECKSUMS, json.dumps({"algorithm": "crc32", "files": sums}))
             _fsync_tree(tmp)
             _write_text(tmp / COMPLETE, f"{step}\n")
             if final.exists():
@@ -305,10 +376,30 @@ class Checkpointer:
         return cls(run_dir, cfg, config, max_steps)
 
     def resume_point(self) -> Path | None:
-        """Collective. The checkpoint to continue from (`checkpoint.resume`), after rank 0 made
-        the checkpoint directory hold one timeline (`prepare_root`)."""
+        """Collective. The checkpoint to continue from (`checkpoint.resume`), verified (a
+        damaged newest one is moved aside and the next older one taken, with `auto`), after
+        rank 0 made the checkpoint directory hold one timeline (`prepare_root`)."""
         found = find_resume(self.root, self.resume)
+        damaged: list[Path] = []
+        while found is not None:
+            problem = verify_collective(found)
+            if problem is None:
+                break
+            if self.resume != "auto":
+                raise CheckpointError(
+                    f"checkpoint.resume={found} is damaged: {problem}. Resume from another "
+                    "checkpoint (checkpoint.resume=<its dir>, or auto for the newest intact one)"
+                )
+            if dist.is_main():
+                print(f"checkpoint {found} is damaged ({problem}): skipped", flush=True)
+            damaged.append(found)
+            older = [p for p in list_checkpoints(self.root) if step_of(p) < step_of(found)]
+            found = older[-1] if older else None
         if dist.is_main():
+            for bad in damaged:  # out of the timeline: never resumed, pruned or counted again
+                os.replace(bad, bad.with_name(f"damaged-{bad.name}"))
+            if damaged and read_pointer(self.root, BEST) in {b.name for b in damaged}:
+                (self.root / BEST).unlink()
             prepare_root(self.root, found, self.resume)
         dist.barrier()
         return found
@@ -467,6 +558,12 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     from pretrain.model import GPT, GPTConfig
 
     ckpt = resolve(path)
+    problem = verify(ckpt)
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is damaged: {problem}. Use another checkpoint of the run "
+            f"({', '.join(p.name for p in list_checkpoints(ckpt.parent)) or 'none'})"
+        )
     cfg = read_config(ckpt)
     model = GPT(GPTConfig(**cfg["model"]))
     sd = model.state_dict()
