@@ -35,7 +35,7 @@ from pathlib import Path
 
 from benchmarks.bench_data import _docs
 from pretrain.data.clean import CleanConfig, Dedup, Pii, Switch
-from pretrain.data.clean.dedup import Deduper, shingles, signature
+from pretrain.data.clean.dedup import Deduper, exact_key, shingles, signature
 from pretrain.data.sources import STDLIB, make_units, resolve_inputs
 from pretrain.prepare import PrepareConfig, TokenizerConfig, run_prepare
 from tests.planted_corpus import make_planted
@@ -104,9 +104,7 @@ def dedup_memory(docs: list[str]) -> float:
     dedup = Deduper(near=True)
     kept = 0
     for i, (d, s) in enumerate(zip(docs, sigs)):
-        kept += (
-            dedup.check(i, d.encode()[:16].ljust(16, b"\0") + i.to_bytes(8, "little"), s) is None
-        )
+        kept += dedup.check(i, exact_key(d), s) is None
     current, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return current / max(kept, 1)

@@ -49,7 +49,6 @@ from pretrain.model import GPT, GPTConfig
 from pretrain.tokenizer import (
     TextTokenizer,
     TokenizerError,
-    describe,
     differences,
     find_tokenizer,
     load_tokenizer,
@@ -242,12 +241,7 @@ def check_source_tokenizer(
         except DataError as e:
             raise SourceError(str(e)) from e
         if why is not None:
-            data = describe(
-                manifest.tokenizer_kind,
-                f"{manifest.source}/{manifest.tokenizer}",
-                manifest.tokenizer_sha256,
-                manifest.vocab_size,
-            )
+            data = manifest.describe_tokenizer()
             raise SourceError(
                 f"the model {source} was trained with another tokenizer than the one "
                 f"{manifest.source} was prepared with ({why}): the model's is "

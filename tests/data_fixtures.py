@@ -117,17 +117,24 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Pa
     return run_prepare(tiny_config(tiny_corpus, out))
 
 
-@pytest.fixture(scope="session")
-def code_data(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    """A small source (12 stdlib files of 12-30 kB, none of tiny_data's files, which are all
-    under 12 kB), prepared with tiny_data's tokenizer into shards of ~4k tokens."""
-    root, corpus = Path(sysconfig.get_paths()["stdlib"]), tmp_path_factory.mktemp("code_corpus")
+def prepare_code(
+    tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, name: str, **overrides: object
+) -> Path:
+    """12 stdlib files of 12-30 kB (none of tiny_data's files, which are all under 12 kB),
+    prepared with tiny_data's tokenizer into shards of ~4k tokens (`overrides`: PrepareConfig's)."""
+    root, corpus = Path(sysconfig.get_paths()["stdlib"]), tmp_path_factory.mktemp(f"{name}_corpus")
     for rel in stdlib_subset(12, min_bytes=12_001, max_bytes=30_000):
         (corpus / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(root / rel, corpus / rel)
-    out = tmp_path_factory.mktemp("code_data") / "data"
+    out = tmp_path_factory.mktemp(name) / "data"
     tok = TokenizerConfig(path=str(tiny_data / "tokenizer.model"))
-    return run_prepare(tiny_config(corpus, out, tokenizer=tok, shard_tokens=4096))
+    return run_prepare(tiny_config(corpus, out, tokenizer=tok, shard_tokens=4096, **overrides))
+
+
+@pytest.fixture(scope="session")
+def code_data(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """A small source of other files than tiny_data's, with its tokenizer (`prepare_code`)."""
+    return prepare_code(tmp_path_factory, tiny_data, "code_data")
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.tokenizer import TextTokenizer
+from pretrain.tokenizer import TextTokenizer, describe
 
 FORMAT = "pretrain-shards/2"
 # /1: the same members without loss masks (documents in input order); still read.
@@ -190,6 +190,15 @@ class Manifest:
                 f"split {split!r} is not in {self.source} (it has {sorted(self.splits)})."
             )
         return self.splits[split]
+
+    def describe_tokenizer(self) -> str:
+        """The data's tokenizer as messages name it (kind, path, hash prefix, size)."""
+        return describe(
+            self.tokenizer_kind,
+            f"{self.source}/{self.tokenizer}",
+            self.tokenizer_sha256,
+            self.vocab_size,
+        )
 
     def has(self, split: str) -> bool:
         """Whether the split holds any tokens (prepare writes an empty val split when it

@@ -40,7 +40,6 @@ from pretrain.data.format import (
 from pretrain.tokenizer import (
     TextTokenizer,
     TokenizerError,
-    describe,
     load_tokenizer,
     tokenizer_from_contents,
 )
@@ -158,12 +157,7 @@ def data_tokenizer(manifest: Manifest, *, allow_pipe: bool = False) -> TextToken
 def check_tokenizer(manifest: Manifest, expected_sha256: str) -> None:
     """Refuse shards tokenized with another tokenizer than the one training uses."""
     if expected_sha256 != manifest.tokenizer_sha256:
-        data = describe(
-            manifest.tokenizer_kind,
-            f"{manifest.source}/{manifest.tokenizer}",
-            manifest.tokenizer_sha256,
-            manifest.vocab_size,
-        )
+        data = manifest.describe_tokenizer()
         raise DataError(
             f"tokenizer {expected_sha256[:12]} does not match the shards in {manifest.source} "
             f"(prepared with {data}): re-run prepare with "

@@ -7,14 +7,25 @@ D = head size, V = vocabulary size.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from pretrain.model.config import GPTConfig
 
-if TYPE_CHECKING:  # only for annotations: the network imports this module
-    from pretrain.model.gpt import GPT
+
+class Decoder(Protocol):
+    """What generation needs of the network (`GPT` is one): no import of it, which imports
+    this module."""
+
+    cfg: GPTConfig
+    training: bool
+
+    def __call__(self, idx: torch.Tensor, *, kv_cache: Any = None) -> tuple[torch.Tensor, Any]: ...
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
 
 
 class KVCache:
@@ -63,7 +74,7 @@ def new_kv_cache(cfg: GPTConfig, max_len: int | None = None) -> KVCache:
 
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model: Decoder,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -110,7 +121,7 @@ def generate(
 
 
 def _generate(
-    model: GPT,
+    model: Decoder,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float,

@@ -1,5 +1,6 @@
-"""`DirLock`: the exclusive file lock a sweep holds on its directory (`study.SweepLock`) and a
-trial's rank 0 on its run directory (`trial.claim_run_dir`)."""
+"""`DirLock`: the exclusive file lock a sweep holds on its directory (`study.SweepLock`); and
+the run directory's lock (`hold_run_dir`), which rank 0 of a training run takes
+(`training.rundir`), or a sweep's trial first (`trial.claim_run_dir`): one process per run dir."""
 
 from __future__ import annotations
 
@@ -40,3 +41,31 @@ class DirLock:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+RUN_LOCK = ".run.lock"
+_runs: dict[Path, DirLock] = {}  # the run dirs this process holds
+
+
+def hold_run_dir(path: Path) -> str | None:
+    """None once this process holds run dir `path`'s lock (now, or already: a trial's run);
+    else who holds it. The kernel releases it when its holder exits or is killed, so a crashed,
+    killed or requeued run never blocks the next."""
+    key = Path(path).resolve()
+    if key in _runs:
+        return None
+    lock = DirLock(Path(path) / RUN_LOCK)
+    holder = lock.acquire()
+    if holder is None:
+        _runs[key] = lock
+    return holder
+
+
+def holds_run_dir(path: Path) -> bool:
+    return Path(path).resolve() in _runs
+
+
+def release_run_dir(path: Path) -> None:
+    lock = _runs.pop(Path(path).resolve(), None)
+    if lock is not None:
+        lock.release()

@@ -34,17 +34,16 @@ from hydra.errors import CompactHydraException
 
 from pretrain import dist
 from pretrain.config import ConfigError
-from pretrain.sweep.lock import DirLock
+from pretrain.sweep.lock import hold_run_dir, release_run_dir
 
 RESULT_FILE = "result.json"
 TRIAL_FILE = "trial.yaml"
-TRIAL_LOCK = ".trial.lock"
 # Overrides a trial gets from where it runs, not from what it is (see `trial_settings`): they
 # are left out of its identity, so that a trial killed under one launcher resumes under another.
 PLACEMENT_KEYS = ("run.dir", "run.name", "sweep.dir", "logging.wandb_group")
 
 
-_held: list[DirLock] = []  # the trial locks this process holds (released between trials)
+_held: list[Path] = []  # the trial run dirs this process holds (released between trials)
 
 
 class TrialFailed(CompactHydraException):
@@ -158,14 +157,13 @@ def claim_run_dir(cfg: Any) -> None:
     run_dir = Path(cfg.run.dir)
     claim(run_dir, own_overrides(), cfg.sweep.dir, write=dist.is_main())
     if dist.is_main():
-        lock = DirLock(run_dir / TRIAL_LOCK)
-        holder = lock.acquire()
+        holder = hold_run_dir(run_dir)  # the run's own lock: train() finds it held
         if holder is not None:
             raise ConfigError(
                 f"{run_dir} is in use by another run of this trial ({holder}): let it finish "
                 "(the sweep then records its result), or stop it (scancel its Slurm job) first"
             )
-        _held.append(lock)
+        _held.append(run_dir)
 
 
 def claim(run_dir: Path, overrides: list[str], sweep_dir: str, write: bool = True) -> None:
@@ -291,7 +289,7 @@ def restored_process() -> Iterator[None]:
         yield
     finally:
         while _held:
-            _held.pop().release()
+            release_run_dir(_held.pop())
         dist.stop_watching()
         from pretrain.engine import process_group
 

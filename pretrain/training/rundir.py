@@ -22,33 +22,13 @@ from pretrain.config import Config, ConfigError, to_dict
 from pretrain.data.format import DataError, Manifest
 from pretrain.data.shards import data_tokenizer
 from pretrain.model import GPTConfig
-from pretrain.sweep.lock import DirLock
+from pretrain.sweep.lock import hold_run_dir, holds_run_dir, release_run_dir
 from pretrain.tokenizer import (
     TokenizerError,
-    describe,
     find_tokenizer,
     load_tokenizer,
     write_atomic,
 )
-
-LOCK = ".run.lock"  # held by rank 0 of the trainer that uses the run dir (fcntl.flock)
-_held: dict[Path, DirLock] = {}  # the run dirs this process holds
-
-
-def hold(path: Path) -> None:
-    """Take the run dir's lock, or refuse with who holds it. The kernel releases a lock when its
-    holder exits or is killed, so a crashed, killed or requeued run never blocks the next."""
-    if path.resolve() in _held:  # this process already runs in it (a sweep's next trial)
-        return
-    lock = DirLock(path / LOCK)
-    holder = lock.acquire()
-    if holder is not None:
-        raise ConfigError(
-            f"run.dir={path} is in use by a live run ({holder}): two trainers would write the "
-            "same checkpoints and metrics. Wait for it to end or stop it, or give this run "
-            "another run.dir"
-        )
-    _held[path.resolve()] = lock
 
 
 class RunDir:
@@ -58,6 +38,7 @@ class RunDir:
         self.path = path
         self.resolved = resolved
         self.tokenizer_sha256 = tokenizer_sha256  # what the training data's tokenizer must be
+        self.owns_lock = False  # rank 0 took the run dir's lock in `create`
 
     @classmethod
     def create(cls, cfg: Config, model_cfg: GPTConfig, manifest: Manifest) -> RunDir:
@@ -65,8 +46,16 @@ class RunDir:
         resolved config (with the vocabulary taken from the data) and, once, the tokenizer copy;
         every rank learns the tokenizer hash the data must have: the copy's, once there is one."""
         path = Path(cfg.run.dir)
-        if dist.is_main():
-            hold(path)
+        owns = False  # a sweep's trial may hold the run dir already: it releases it then
+        if dist.is_main() and not holds_run_dir(path):
+            holder = hold_run_dir(path)
+            if holder is not None:
+                raise ConfigError(
+                    f"run.dir={path} is in use by a live run ({holder}): two trainers would "
+                    "write the same checkpoints and metrics. Wait for it to end or stop it, or "
+                    "give this run another run.dir"
+                )
+            owns = True
         resolved = to_dict(cfg)  # type: ignore[arg-type]
         # The model as built: the vocabulary taken from the data, or a source's architecture.
         resolved["model"] = dataclasses.asdict(model_cfg)
@@ -78,12 +67,7 @@ class RunDir:
         expected = own.sha256 if own is not None else manifest.tokenizer_sha256
         if own is not None and own.sha256 != manifest.tokenizer_sha256:
             # Before anything is written: the data was tokenized for another model.
-            data = describe(
-                manifest.tokenizer_kind,
-                f"{manifest.source}/{manifest.tokenizer}",
-                manifest.tokenizer_sha256,
-                manifest.vocab_size,
-            )
+            data = manifest.describe_tokenizer()
             raise DataError(
                 f"this run was trained with {own.describe()} but {manifest.source} was "
                 f"prepared with {data}: prepare the data with the run's tokenizer (python -m "
@@ -92,6 +76,7 @@ class RunDir:
             )
         dist.barrier()
         run_dir = cls(path, resolved, expected)
+        run_dir.owns_lock = owns
         run_dir.write_config()
         if dist.is_main() and run_tok is None:
             data_tokenizer(manifest, allow_pipe=cfg.data.allow_pipe).save(path)
@@ -99,10 +84,9 @@ class RunDir:
         return run_dir
 
     def release(self) -> None:
-        """Rank 0: give the run dir's lock back (the end of the run)."""
-        lock = _held.pop(self.path.resolve(), None)
-        if lock is not None:
-            lock.release()
+        """Rank 0: give the run dir's lock back at the end of the run, if `create` took it."""
+        if self.owns_lock:
+            release_run_dir(self.path)
 
     def write_config(self) -> None:
         """Rank 0: the resolved config as config.yaml."""

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import optuna
@@ -18,10 +16,9 @@ import yaml
 
 from pretrain import checkpoint
 from pretrain.metrics import read_metrics
-from pretrain.prepare import TokenizerConfig, run_prepare
 from pretrain.sweep.study import storage
 from tests.conftest import REPO, test_env
-from tests.data_fixtures import stdlib_subset, tiny_config
+from tests.data_fixtures import prepare_code
 from tests.wandb_offline import find_offline_runs, read_history
 
 WINDOW = 64  # debug seq_len: tokens per window
@@ -135,13 +132,7 @@ def test_resuming_with_another_mix_starts_a_new_phase_where_the_run_was(
 @pytest.fixture(scope="module")
 def no_val_data(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     """A source prepared without a val split (with tiny_data's tokenizer)."""
-    root, corpus = Path(sysconfig.get_paths()["stdlib"]), tmp_path_factory.mktemp("noval")
-    for rel in stdlib_subset(12, min_bytes=12_001, max_bytes=30_000):
-        (corpus / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / rel, corpus / rel)
-    out = tmp_path_factory.mktemp("noval_data") / "data"
-    tok = TokenizerConfig(path=str(tiny_data / "tokenizer.model"))
-    return run_prepare(tiny_config(corpus, out, tokenizer=tok, val_fraction=0.0))
+    return prepare_code(tmp_path_factory, tiny_data, "noval_data", val_fraction=0.0)
 
 
 def refusal(*overrides: str) -> str:

@@ -131,7 +131,8 @@ class CleanPass:
             for k, n in v.pii.items():
                 self.pii[k] += n
             self._count("pii", ntokens, where, v.excerpt, None)
-        self._where.append(where)
+        if self.dedup is not None:  # a later copy names this one by its index here
+            self._where.append(where)
         self.kept.documents += 1
         self.kept.tokens += ntokens
         return True
