@@ -35,8 +35,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 import warnings
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -191,13 +195,14 @@ def write_pointer(root: Path, name: str, target: Path) -> None:
 def prepare_root(root: Path, resume_from: Path | None, resume: str) -> None:
     """Rank 0, before anything is written: make `root` hold one timeline.
 
-    Leftover `.tmp-*` directories of killed saves are removed. Resuming from an older
+    Leftover `.tmp-*` directories of killed saves (and `.del-*` ones of cut-short prunes) are
+    removed. Resuming from an older
     checkpoint of this same run moves the newer ones to `superseded-<step>/`, so that neither
     a later `resume=auto` nor keep-last pruning mixes the two timelines. Starting afresh
     (`resume=none`) over existing checkpoints is refused."""
     if not root.is_dir():
         return
-    for tmp in root.glob(".tmp-*"):
+    for tmp in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
         shutil.rmtree(tmp, ignore_errors=True)
     existing = list_checkpoints(root)
     if resume_from is None and existing:
@@ -231,28 +236,70 @@ def save(
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
     `state`: the engine's tensors (DCP); `train_state`: JSON, written by rank 0; `rng`: this
-    rank's RNG streams (tensors), if any. Every rank writes its part (tensors, RNG, the
-    backend's native files), then all ranks agree
-    on whether every part was written before rank 0 publishes anything: a write that failed on
-    any rank raises CheckpointError on every rank, and that checkpoint never becomes complete
-    or `latest`."""
+    rank's RNG streams (tensors), if any; `native_saver(dir)`: writes the backend's own files
+    (collective). Every rank writes its part, then all ranks agree on whether every part was
+    written before rank 0 publishes anything: a write that failed on any rank raises
+    CheckpointError on every rank, and that checkpoint never becomes complete or `latest`."""
+    final, tmp = begin(root, step)
+    native = None if native_saver is None else lambda: native_saver(str(tmp / NATIVE))
+    return write(Pending(root, final, tmp, state, train_state, config, keep_last, rng, native))
+
+
+NATIVE = "deepspeed"  # the backend's own files, inside a checkpoint
+
+
+def begin(root: Path, step: int) -> tuple[Path, Path]:
+    """Collective: rank 0 makes the empty `.tmp-step_...` directory a save writes into.
+    Returns (final, tmp) directories."""
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
-    local_error: str | None = None
-    failed_here = False  # this rank's own write failed (DCP reports every rank's failures)
     try:
         if dist.is_main():
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)  # a previous attempt that died half way
             (tmp / "rng").mkdir(parents=True)
-        dist.barrier()
-        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
-        if rng is not None:
-            torch.save(rng, tmp / "rng" / f"rank_{dist.rank()}.pt")
+    except OSError as e:
+        _give_up(root, tmp, final, _describe(e))
+    dist.barrier()
+    return final, tmp
+
+
+@dataclass
+class Pending:
+    """One checkpoint on its way to disk: what `write` writes into `tmp`, then publishes as
+    `final`. Its tensors are the engine's own (a synchronous save) or copies staged in host
+    memory (a background one), and `native` writes the backend's files (or its staged
+    copies)."""
+
+    root: Path
+    final: Path
+    tmp: Path
+    state: dict[str, Any]
+    train_state: dict[str, Any]
+    config: dict[str, Any]
+    keep_last: int
+    rng: dict[str, torch.Tensor] | None = None
+    native: Callable[[], None] | None = None
+
+
+def write(job: Pending, group: Any = None) -> Path:
+    """Collective over `group` (None: the main process group): write every rank's files of
+    `job`, agree that all were written, checksum them, and publish the checkpoint (rank 0:
+    COMPLETE, the rename into place, `latest`, keep-last pruning). Returns the final
+    directory. Runs on the main thread (a synchronous save) or on the background writer's
+    thread with a process group of its own."""
+    root, final, tmp = job.root, job.final, job.tmp
+    local_error: str | None = None
+    failed_here = False  # this rank's own write failed (DCP reports every rank's failures)
+    try:
+        dcp.save(job.state, checkpoint_id=str(tmp / "dcp"), process_group=group)
+        failpoint("checkpoint.write")
+        if job.rng is not None:
+            torch.save(job.rng, tmp / "rng" / f"rank_{dist.rank()}.pt")
             _fsync_file(tmp / "rng" / f"rank_{dist.rank()}.pt")
-        if native_saver is not None:
-            native_saver(str(tmp / "deepspeed"))
+        if job.native is not None:
+            job.native()
     except (OSError, RuntimeError, CheckpointException) as e:
         if isinstance(e, CheckpointException) and any(
             isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()
@@ -263,7 +310,8 @@ def save(
         # torch.save reports a failed write as RuntimeError, DCP as CheckpointException.
         local_error = _describe(e)
         failed_here = not isinstance(e, CheckpointException) or dist.rank() in e.failures
-    reports = dist.gather_objects({"error": local_error})  # every rank's outcome, in rank order
+    # every rank's outcome, in rank order
+    reports = dist.gather_objects({"error": local_error}, group)
     failed = [rep["error"] for rep in reports if rep["error"] is not None]
     if failed:
         if not failed_here:
@@ -275,16 +323,16 @@ def save(
     # Every rank's files are written: the ranks share out their checksums.
     names = [n for n in _files(tmp) if n not in ("train_state.json", "config.yaml")]
     mine = {n: list(_crc(tmp / n)) for n in names[dist.rank() :: dist.world_size()]}
-    sums = {n: v for part in dist.gather_objects(mine) for n, v in part.items()}
+    sums = {n: v for part in dist.gather_objects(mine, group) for n, v in part.items()}
     if dist.is_main():
         try:
-            _write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
-            _write_text(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+            _write_text(tmp / "train_state.json", json.dumps(job.train_state, indent=1))
+            _write_text(tmp / "config.yaml", yaml.safe_dump(job.config, sort_keys=False))
             for name in ("train_state.json", "config.yaml"):
                 sums[name] = list(_crc(tmp / name))
             _write_text(tmp / CHECKSUMS, json.dumps({"algorithm": "crc32", "files": sums}))
             _fsync_tree(tmp)
-            _write_text(tmp / COMPLETE, f"{step}\n")
+            _write_text(tmp / COMPLETE, f"{step_of(final)}\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -296,7 +344,8 @@ def save(
             # Rename before deleting: a delete cut short must not leave a "complete" husk.
             best = read_pointer(root, BEST)  # kept whatever keep_last says
             prunable = [p for p in list_checkpoints(root) if p.name != best]
-            for old in prunable[:-keep_last] if keep_last > 0 else []:
+            keep = job.keep_last
+            for old in prunable[:-keep] if keep > 0 else []:
                 doomed = root / f".del-{old.name}"
                 os.replace(old, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
@@ -304,7 +353,7 @@ def save(
             # Rank 0 alone fails here; the other ranks wait at the barrier below until the
             # failure report stops them (pretrain.dist.watch_peers).
             _give_up(root, tmp, final, _describe(e))
-    dist.barrier()
+    dist.barrier(group)
     return final
 
 
@@ -331,6 +380,83 @@ def _give_up(root: Path, tmp: Path, final: Path, what: str) -> None:
         "under run.dir (or point run.dir at a volume with room), then resume with "
         "checkpoint.resume=auto."
     )
+
+
+class Background:
+    """Checkpoints written by a thread of their own (`checkpoint.async_save`), one at a time.
+
+    `start` stages the state into host memory (`pretrain.engine.staging`: the only stall),
+    then a thread runs the same `write` as a synchronous save: the same files, checksums,
+    COMPLETE, rename and `latest`, after every rank's write succeeded. The thread's
+    collectives go over a gloo process group of its own (`dist.new_group`): sharing the main
+    one with the training step's collectives would pair operations of two threads wrongly. A
+    failure (a full disk on one rank) is raised by the next `poll` or `wait` on the main
+    thread, so the run stops as it does after a failed synchronous save; the last complete
+    checkpoint stays. The thread is a daemon: a run that ends by an error, or by a second
+    Ctrl-C, abandons the write (its `.tmp-` directory never becomes a checkpoint, and the next
+    start removes it), as does a SIGKILL."""
+
+    def __init__(self) -> None:
+        from pretrain.engine.staging import Stager
+
+        self.group = dist.new_group()
+        self.stager = Stager()
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.path: Path | None = None
+        self.began = 0.0  # when the write began (after staging)
+        self.stall_s = 0.0  # how long staging held training up
+
+    def start(
+        self,
+        root: Path,
+        engine: Any,
+        state: RunState,
+        train_state: dict[str, Any],
+        config: dict[str, Any],
+        keep_last: int,
+        complete: Callable[[Path], None],
+    ) -> str:
+        """Collective: stage this step's state, start writing it. Returns the checkpoint's
+        path and the stall, for the log."""
+        t0 = time.perf_counter()
+        final, tmp = begin(root, state.step)
+        staged = self.stager.stage(engine.state_dict())
+        native = engine.stage_native(str(tmp / NATIVE))
+        job = Pending(root, final, tmp, staged, train_state, config, keep_last,
+                      state.rng_state_dict(), native)  # fmt: skip
+        self.stall_s = time.perf_counter() - t0
+        self.path, self.error, self.began = final, None, time.perf_counter()
+
+        def run() -> None:
+            try:
+                complete(write(job, self.group))
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="pretrain-checkpoint", daemon=True)
+        self.thread.start()
+        return f"{final} staged in {self.stall_s:.2f} s"
+
+    def poll(self) -> str | None:
+        if self.thread is None or self.thread.is_alive():
+            return None
+        return self.wait()
+
+    def wait(self) -> str | None:
+        """Wait for the write in flight (if any). Returns its line, or raises its failure."""
+        if self.thread is None:
+            return None
+        while self.thread.is_alive():
+            self.thread.join(0.1)  # short joins: a second Ctrl-C is taken at once
+        self.thread = None
+        if self.error is not None:
+            raise self.error
+        took = time.perf_counter() - self.began
+        return (
+            f"saved checkpoint {self.path} (training stalled {self.stall_s:.2f} s; written in "
+            f"the background in {took:.1f} s)"
+        )
 
 
 class RunState(Protocol):
@@ -366,6 +492,9 @@ class Checkpointer:
         self.config, self.max_steps = config, max_steps
         self.last_saved: int | None = None
         self.best: str | None = None  # name of the checkpoint marked `best`
+        self.background: Background | None = None
+        if getattr(cfg, "async_save", False):
+            self.background = Background()  # a collective: every rank builds its checkpointer
 
     @classmethod
     def from_config(
@@ -436,30 +565,55 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return find_resume(self.root, "auto")
 
-    def save(self, engine: Any, state: RunState, *, best: bool = False) -> Path:
+    def save(self, engine: Any, state: RunState, *, best: bool = False) -> str:
         """Collective: every rank calls it. Saves the engine and the training state
-        (`TrainState`) at its step. `best`: this is the new best checkpoint."""
-        step = state.step
-        train_state = {
-            **state.state_dict(),
-            "best_checkpoint": step_dir_name(step) if best else self.best,
-        }
-        path = save(
-            self.root,
-            step,
-            engine.state_dict(),
-            train_state,
-            self.config,
-            self.keep_last,
-            native_saver=engine.save_native,
-            rng=state.rng_state_dict(),
-        )
-        self.last_saved = step
+        (`TrainState`) at its step, or with `checkpoint.async_save` stages them and writes in
+        the background (after waiting for the save before it). `best`: this is the new best
+        checkpoint. Returns the line to print."""
+        if self.background is not None:
+            done = self.background.wait()  # one save at a time; its failure is raised here
+            staged = self.background.start(self.root, engine, state, self._train_state(state, best),
+                                           self.config, self.keep_last, self._on_complete(best))  # fmt: skip
+            line = f"checkpoint {staged}: writing in the background"
+            line = f"{done}\n{line}" if done else line
+        else:
+            final, tmp = begin(self.root, state.step)
+            native = lambda: engine.save_native(str(tmp / NATIVE))  # noqa: E731
+            job = Pending(self.root, final, tmp, engine.state_dict(),
+                          self._train_state(state, best), self.config, self.keep_last,
+                          state.rng_state_dict(), native)  # fmt: skip
+            self._on_complete(best)(write(job))
+            line = f"saved checkpoint {final}" + (" (best)" if best else "")
+        self.last_saved = state.step
         if best:
-            if dist.is_main():
+            self.best = step_dir_name(state.step)
+        return line
+
+    def poll(self) -> str | None:
+        """The line to print once a background save has completed (None: none has since the
+        last call); raises its failure, as a synchronous save would have. Local, cheap: call it
+        every step."""
+        return self.background.poll() if self.background is not None else None
+
+    def close(self) -> str | None:
+        """At the end of the run (max_steps, early stopping, preemption, Ctrl-C): wait for the
+        save in flight, raise its failure. Returns the line to print, if any."""
+        return self.background.wait() if self.background is not None else None
+
+    def _train_state(self, state: RunState, best: bool) -> dict[str, Any]:
+        return {
+            **state.state_dict(),
+            "best_checkpoint": step_dir_name(state.step) if best else self.best,
+        }
+
+    def _on_complete(self, best: bool) -> Callable[[Path], None]:
+        """What follows a checkpoint's completion: rank 0 marks a new best one `best`."""
+
+        def complete(path: Path) -> None:
+            if best and dist.is_main():
                 self._mark_best(path)
-            self.best = path.name
-        return path
+
+        return complete
 
     def _mark_best(self, path: Path) -> None:
         try:

@@ -211,6 +211,9 @@ class CheckpointConfig:
     """Keep the newest K complete checkpoints."""
     resume: str = "auto"
     """auto (newest complete checkpoint in the run dir), none, or a checkpoint directory."""
+    async_save: bool = False
+    """Write checkpoints in the background: training stalls only while the state is copied to
+    host memory (which holds one more copy of this rank's state for the run)."""
 
 
 @dataclass

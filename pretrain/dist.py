@@ -52,21 +52,33 @@ def log0(msg: str) -> None:
         print(msg, flush=True)
 
 
-def barrier() -> None:
+def barrier(group: Any = None) -> None:
+    """Wait for every rank (of `group`: another process group over all ranks, such as the
+    one background checkpoint writes use; default: the main one)."""
     d = _dist()
     if d is not None:
-        d.barrier()
+        d.barrier(group=group)
 
 
-def gather_objects(obj: Any) -> list[Any]:
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's `obj` (small and picklable: a loader position, an error report), in rank
-    order, on every rank; a collective. `[obj]` without a process group."""
+    order, on every rank; a collective (over `group`, as for `barrier`). `[obj]` without a
+    process group."""
     d = _dist()
     if d is None or d.get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * d.get_world_size()
-    d.all_gather_object(out, obj)
+    d.all_gather_object(out, obj, group=group)
     return out
+
+
+def new_group() -> Any:
+    """A second process group over all ranks, gloo (it carries small objects and DCP's
+    planning from host memory), for collectives that run on another thread while the main
+    thread's collectives go on (two threads must never share one group: their operations
+    would pair up wrongly). None without a process group."""
+    d = _dist()
+    return None if d is None else d.new_group(backend="gloo")
 
 
 # ---- one rank's failure stops every rank ---------------------------------------------------

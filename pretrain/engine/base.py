@@ -216,6 +216,12 @@ class Engine(ABC):
     def save_native(self, path: str) -> None:  # noqa: B027 - optional hook
         """Also save the backend's own checkpoint format (DeepSpeed writes one)."""
 
+    def stage_native(self, path: str) -> Callable[[], None] | None:
+        """`save_native` for a background save (collective): copy what the backend's files
+        hold into host memory now, and return the function that writes them to `path` later,
+        on another thread, with no collectives. None: the backend has no files of its own."""
+        return None
+
     @abstractmethod
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean loss of x, y [B, T] (targets -1 ignored) in eval mode, without gradients,

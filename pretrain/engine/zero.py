@@ -35,8 +35,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from pretrain.engine.fragments import Layout, fragment_tensor, local_pieces
 from pretrain.engine.hostmem import release_host_memory
 from pretrain.engine.measure import storage_bytes
 from pretrain.engine.precision import scaler_state
+from pretrain.engine.staging import Stager
 from pretrain.engine.strategies import STAGES, zero_bucket_elements
 from pretrain.model import GPT, GPTConfig
 
@@ -197,12 +199,40 @@ def unavailable_reason(cfg: Config, device_type: str) -> str | None:
     return None
 
 
+class DeferredWrites:
+    """A DeepSpeed checkpoint engine that stages: `save(state_dict, path)` copies the state
+    dict into host buffers (one `Stager` per file name, reused from save to save) and
+    remembers the path; `write()` then writes every file with torch.save, as DeepSpeed's own
+    torch engine does. Everything else is the wrapped engine's."""
+
+    def __init__(self, inner: Any, stagers: dict[str, Stager]) -> None:
+        self.inner = inner
+        self.stagers = stagers
+        self.files: list[tuple[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # staging copies every tensor: DeepSpeed need not clone them first
+
+    def save(self, state_dict: Any, path: str) -> None:
+        stager = self.stagers.setdefault(os.path.basename(path), Stager())
+        self.files.append((path, stager.stage(state_dict)))
+
+    def write(self) -> None:
+        zipfile = getattr(self.inner, "zipfile_serialization", True)
+        for path, state in self.files:
+            torch.save(state, path, _use_new_zipfile_serialization=zipfile)
+
+
 class ZeroEngine(Engine):
     def __init__(self, cfg: Config, accelerator: Any, accum: int = 1) -> None:
         super().__init__(cfg, accelerator, accum)
         self.stage = STAGES[self.name]
         self._layout: dict[str, Layout] | None = None
         self._trim_armed = False  # see `_trim_heap_in_backward`
+        self._native_stagers: dict[str, Stager] = {}  # see `stage_native`
 
     # -- build ------------------------------------------------------------------------------
     def create(self, model_cfg: GPTConfig) -> GPT:
@@ -493,6 +523,19 @@ class ZeroEngine(Engine):
         """DeepSpeed's own checkpoint (collective), readable by its `zero_to_fp32.py`: each
         rank writes its own partition."""
         self.ds.save_checkpoint(path, tag=f"global_step{self.ds.global_steps}")
+
+    def stage_native(self, path: str) -> Callable[[], None]:
+        """DeepSpeed's own checkpoint, staged: DeepSpeed runs its save as always (its
+        collectives, its small files), but with a checkpoint engine that copies each state
+        dict it is given into host buffers (`DeferredWrites`) instead of writing it; the
+        returned function writes them, the same files `save_native` writes."""
+        deferred = DeferredWrites(self.ds.checkpoint_engine, self._native_stagers)
+        self.ds.checkpoint_engine = deferred
+        try:
+            self.save_native(path)
+        finally:
+            self.ds.checkpoint_engine = deferred.inner
+        return deferred.write
 
     # -- introspection -------------------------------------------------------------------------
     def memory_breakdown(self) -> dict[str, int]:

@@ -66,6 +66,9 @@ class PlanConfig:
     """zero3_offload moves the 16-bit parameter partition to the CPU too (as pretrain.engine)."""
     reduce_bucket_size: int = REDUCE_BUCKET_SIZE
     """DeepSpeed reduce bucket, in elements (strategy.reduce_bucket_size)."""
+    async_save: bool = False
+    """Checkpoints written in the background (checkpoint.async_save): a host copy of what each
+    rank saves, held from the first save on, in the train and save peaks."""
     hydra: Any = field(
         default_factory=lambda: {
             "run": {"dir": "."},
@@ -115,6 +118,7 @@ def plan_report(cfg: Any) -> tuple[str, Recommendation | None]:
         offload_params=cfg.offload_params,
         reduce_bucket_size=cfg.reduce_bucket_size,
         device=cfg.device,
+        async_save=cfg.async_save,
     )
     args = (cfg.world_size, cfg.micro_batch, seq_len, cfg.precision)
     ac = bool(cfg.activation_checkpointing)

@@ -406,10 +406,12 @@ def estimate(
     reduce_bucket_size: int = REDUCE_BUCKET_SIZE,
     zero3_persistence_threshold: int = ZERO3_PERSISTENCE_THRESHOLD,
     device: str = "cuda",
+    async_save: bool = False,
 ) -> MemoryEstimate:
     """Per-rank memory of training `model_cfg` with `strategy` on `world_size` ranks (`nodes`
     nodes, for hsdp), micro-batches of `micro_batch` x `seq_len` tokens, Adam(W); `.phases`
-    holds the peak of each phase of the run (`_phases`), on `device` ("cuda" or "cpu")."""
+    holds the peak of each phase of the run (`_phases`), on `device` ("cuda" or "cpu"), with
+    checkpoints written in the background when `async_save`."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: choose cuda or cpu")
     if seq_len > model_cfg.block_size:
@@ -456,7 +458,7 @@ def estimate(
         buffers=buffers,
         cpu_bytes=states.cpu_bytes,
     )
-    e.phases = _phases(e, sizes, device, reduce_bucket_size)
+    e.phases = _phases(e, sizes, device, reduce_bucket_size, async_save)
     return e
 
 
@@ -508,7 +510,9 @@ def phase_peaks(
     return e.phases
 
 
-def _phases(e: MemoryEstimate, sizes: ModelSizes, device: str, bucket: int) -> dict[str, PhasePeak]:
+def _phases(
+    e: MemoryEstimate, sizes: ModelSizes, device: str, bucket: int, async_save: bool = False
+) -> dict[str, PhasePeak]:
     """Per-rank peaks of the four phases of a run under `pretrain.engine` (`device` "cuda" or
     "cpu"), each the memory held plus the phase's largest transient:
 
@@ -523,6 +527,8 @@ def _phases(e: MemoryEstimate, sizes: ModelSizes, device: str, bucket: int) -> d
         save    the states after a step (torch strategies free their gradients) plus one
                 checkpoint item (DCP copies a view to write it; on CUDA that copy is in host
                 memory): every rank writes only its own part
+        (async_save: train and save also hold the staging copy, `staging_bytes`; a save
+        then writes from it, with no item copied)
         resume  the init state, the optimizer state created to be loaded into (zero
                 gradients and one step's temporaries: all parameters at once for torch's
                 state-dict API, one partition at a time for ZeRO), plus one item read
@@ -580,8 +586,12 @@ def _phases(e: MemoryEstimate, sizes: ModelSizes, device: str, bucket: int) -> d
     flatten = e.params if strategy in ("zero1", "zero2", "zero3") else 0
     init = PhasePeak(built[0] + flatten, built[1] + initial_value)
 
+    staging = staging_bytes(strategy, w, psi, part, moments) if async_save else 0
+    # On CPU the host is the device: the staging copy is in the one memory.
+    held = (staging, 0) if cpu else (0, staging)
     train = PhasePeak(
-        e.total + (0 if offload else adam_temps), e.cpu_bytes + (adam_temps if offload else 0)
+        e.total + (0 if offload else adam_temps) + held[0],
+        e.cpu_bytes + (adam_temps if offload else 0) + held[1],
     )
     # After a step: activations and transient buffers are gone, torch strategies have freed
     # their gradients. ZeRO keeps its gradient partition, but in host memory ZeRO-3's partition
@@ -592,7 +602,10 @@ def _phases(e: MemoryEstimate, sizes: ModelSizes, device: str, bucket: int) -> d
         after_step = (built[0], built[1] + moments - released)
     else:
         after_step = (built[0] + moments - released, built[1])
-    save = PhasePeak(after_step[0] + (item if cpu else 0), after_step[1] + (0 if cpu else item))
+    if async_save:
+        save = PhasePeak(after_step[0] + held[0], after_step[1] + held[1])
+    else:
+        save = PhasePeak(after_step[0] + (item if cpu else 0), after_step[1] + (0 if cpu else item))
     # A resumed process builds (init), then creates the optimizer state it loads into, then
     # reads one item at a time.
     create = zero_grads + adam_temps
@@ -606,3 +619,16 @@ def _phases(e: MemoryEstimate, sizes: ModelSizes, device: str, bucket: int) -> d
     )
     resume = PhasePeak(max(init.device, loaded.device), max(init.host, loaded.host))
     return {"init": init, "train": train, "save": save, "resume": resume}
+
+
+def staging_bytes(strategy: str, w: int, psi: int, part: int, moments: int) -> int:
+    """Host memory of a background save's staging copy (`pretrain.engine.staging`) per rank:
+    what the rank saves, its fp32 weights (all of them where the strategy replicates, its
+    shard elsewhere) and its optimizer `moments`; under DeepSpeed its own files' state once
+    more (fp32 partition and moments; on ZeRO-1/2 also the 16-bit model that rank 0's model
+    file holds, `w` bytes per element)."""
+    weights = 4 * (psi if strategy in AUTOCAST else part)
+    if strategy not in DEEPSPEED:
+        return weights + moments
+    model_file = w * psi if strategy in ("zero1", "zero2") else 0
+    return 2 * (weights + moments) + model_file

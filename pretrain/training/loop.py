@@ -118,19 +118,25 @@ def train(cfg: Config) -> RunEnd:
                  **state.sources_read(per_source=data.mixture)},
             )  # fmt: skip
         metrics.advance(state.step)
+        saved = ckpt.poll()  # a background save that completed (or failed: raised here)
+        if saved:
+            metrics.print(saved)
         with meter.paused():
             val = validator.run(state.step, metrics.log) if validator.due(state.step) else None
             stop = stops.after(state.step, preempted=preempted, pruned=bool(val and val.pruned))
             best = bool(val and val.new_best)
             if ckpt.due(state.step, stop=stop is not None, best=best):
                 guard.check(state.step, ckpt.latest())  # weights that saw a NaN are never saved
-                path = ckpt.save(engine, state, best=best)
-                metrics.print(f"saved checkpoint {path}" + (" (best)" if best else ""))
+                metrics.print(ckpt.save(engine, state, best=best))
         if stop is not None:
-            metrics.print(stop.message(ckpt))
             break
 
     # ---- teardown ------------------------------------------------------------------------
+    saved = ckpt.close()  # the save in flight is written (or its failure raised) before the end
+    if saved:
+        metrics.print(saved)
+    if stop is not None:
+        metrics.print(stop.message(ckpt))
     dist.stop_watching()  # ranks that finish first must not look like failures to the rest
     pruned = stop is not None and stop.pruned
     metrics.finish(state.step == cfg.train.max_steps or validator.stopped_early or pruned)

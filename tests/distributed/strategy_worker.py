@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -186,6 +187,7 @@ def run_one(args: argparse.Namespace, spec: str, load: str) -> dict[str, Any]:
         record["loaded_state"] = full_tensors(engine.state_dict()) if args.dump else None
 
     losses, norms, memory = [], [], None
+    background: checkpoint.Background | None = None
     all_reduces: list[int] = []
     t0 = time.perf_counter()
     for step in range(start, start + steps):
@@ -221,6 +223,19 @@ def run_one(args: argparse.Namespace, spec: str, load: str) -> dict[str, Any]:
             record["checkpoint"] = str(path)
             if args.dump:
                 record["saved_state"] = full_tensors(state)
+            # The same checkpoint written in the background: staged here, written while the
+            # next steps change the weights (compared file by file with the one above).
+            background = checkpoint.Background()
+            staged = SimpleNamespace(step=step + 1, rng_state_dict=lambda: None)
+            background.start(
+                Path(args.save) / f"{strategy}-async", engine, staged, train_state,  # type: ignore[arg-type]
+                to_dict(cfg), 2, lambda _: None,  # type: ignore[arg-type]
+            )  # fmt: skip
+    if background is not None:
+        background.wait()
+        native = getattr(engine, "_native_stagers", {})
+        staged = background.stager.nbytes + sum(st.nbytes for st in native.values())
+        record["staged_bytes"] = everyone(staged, world)
     # Full weights loaded into the wrapped model (Engine.load_model_weights), read back.
     other = GPT(model_cfg, seed=cfg.run.seed + 99).state_dict()
     engine.load_model_weights(other)

@@ -102,6 +102,22 @@ def test_checkpoint_write_failure_on_one_rank(tiny_data: Path, tmp_path: Path) -
 
 
 @pytest.mark.timeout(500)
+def test_background_checkpoint_write_failure_on_one_rank(tiny_data: Path, tmp_path: Path) -> None:
+    # The same file-size limit on rank 1, with checkpoints written in the background: the
+    # failure is reported as a synchronous one is, by the rank it happened on, and the
+    # checkpoint never becomes complete.
+    proc, exits, outputs = job(
+        tiny_data, tmp_path / "run", tmp_path, fail_setup="trap '' XFSZ; ulimit -f 64",
+        extra=("checkpoint.async_save=true",),
+    )  # fmt: skip
+    out = assert_failed_fast(proc, exits, outputs, "error: saving checkpoint")
+    assert "failed on rank 1" in out and "Traceback" not in out, out[-5000:]
+    root = tmp_path / "run" / "checkpoints"
+    assert checkpoint.list_checkpoints(root) == [] and not (root / "latest").exists()
+    assert not list(root.glob(".tmp-*"))
+
+
+@pytest.mark.timeout(500)
 def test_exception_in_one_ranks_forward(tiny_data: Path, tmp_path: Path) -> None:
     proc, exits, outputs = job(
         tiny_data, tmp_path / "run", tmp_path,

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import torch
 
+from pretrain import checkpoint
 from tests.conftest import REPO, test_env, torchrun
 
 WORKER = str(REPO / "tests" / "distributed" / "strategy_worker.py")
@@ -429,3 +430,67 @@ def test_cli_fallback_and_resume_across_world_sizes(tiny_data: Path, tmp_path: P
     read = Counter(first + second + third)
     over = {w: n for w, n in read.items() if n > epoch[w]}
     assert not over, f"{len(over)} windows read more often than the epoch holds them"
+
+
+# A background save's files that differ from a synchronous one's by design: DCP's metadata
+# names the directory and a save id; train_state.json and config.yaml are the run's.
+OWN_FILES = ("dcp/.metadata", "train_state.json", "config.yaml")
+
+
+@pytest.mark.parametrize("strategy", ["single", *FP32])
+def test_background_checkpoint_is_the_synchronous_one(
+    strategy: str, work: Path, two: dict, single: dict
+) -> None:
+    """The same step saved both ways, the background one staged and then written while the
+    next steps changed the weights: every file holds the same bytes (DeepSpeed's own files
+    too), and the background one is complete and verified."""
+    sync = ckpt(work, strategy)
+    background = work / "ckpt" / f"{strategy}-async" / sync.name
+    assert checkpoint.is_complete(background) and checkpoint.verify(background) is None
+    a = json.loads((sync / checkpoint.CHECKSUMS).read_text())["files"]
+    b = json.loads((background / checkpoint.CHECKSUMS).read_text())["files"]
+    assert a.keys() == b.keys()
+    if strategy in ZERO:
+        assert any(name.startswith("deepspeed/") for name in a)
+    differ = [name for name in a if a[name] != b[name] and name not in OWN_FILES]
+    # DeepSpeed's pickles of the live state keep views of its flat buffers (whole storages);
+    # the staged copies are tensors of their own: the same values, other bytes.
+    for name in [n for n in differ if n.startswith("deepspeed/") and n.endswith(".pt")]:
+        assert same_tensors(
+            torch.load(sync / name, weights_only=False),
+            torch.load(background / name, weights_only=False),
+        ), name
+        differ.remove(name)
+    assert not differ
+
+
+def same_tensors(a: Any, b: Any) -> bool:
+    """Whether two loaded pickles hold equal tensors in the same places."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(same_tensors(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b))
+    return True  # not a tensor (DeepSpeed's config objects compare by identity)
+
+
+@pytest.mark.parametrize("strategy", ["single", *FP32])
+def test_plan_counts_the_staging_copy(strategy: str, work: Path, two: dict, single: dict) -> None:
+    """`pretrain.plan`'s staging copy of a background save against the bytes the stagers hold
+    (measured from their buffers), on the rank that holds the most."""
+    from pretrain.model import GPTConfig
+    from pretrain.plan.costs import estimate
+
+    rec = single if strategy == "single" else two[strategy]
+    cfg = GPTConfig(**checkpoint.read_config(ckpt(work, strategy))["model"])
+    world = rec["world_size"]
+    plain = estimate(cfg, strategy, world, 2, 64, "fp32", False, device="cpu")
+    staged = estimate(cfg, strategy, world, 2, 64, "fp32", False, device="cpu", async_save=True)
+    planned = staged.phases["train"].total - plain.phases["train"].total
+    measured = max(rec["staged_bytes"])
+    assert planned == pytest.approx(measured, rel=0.05), (planned, measured)

@@ -98,9 +98,7 @@ def checkpointer(run: Path, cfg: Any, keep_last: int, resume: str = "auto") -> C
     return Checkpointer(run, ckpt_cfg, to_dict(cfg), max_steps=1000)
 
 
-def save_at(
-    ck: Checkpointer, step: int, engine: Any, state: TrainState, best: bool = False
-) -> Path:
+def save_at(ck: Checkpointer, step: int, engine: Any, state: TrainState, best: bool = False) -> str:
     state.step = step
     return ck.save(engine, state, best=best)
 
