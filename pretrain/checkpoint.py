@@ -577,13 +577,15 @@ class Checkpointer:
             line = f"checkpoint {staged}: writing in the background"
             line = f"{done}\n{line}" if done else line
         else:
+            t0 = time.perf_counter()
             final, tmp = begin(self.root, state.step)
             native = lambda: engine.save_native(str(tmp / NATIVE))  # noqa: E731
             job = Pending(self.root, final, tmp, engine.state_dict(),
                           self._train_state(state, best), self.config, self.keep_last,
                           state.rng_state_dict(), native)  # fmt: skip
             self._on_complete(best)(write(job))
-            line = f"saved checkpoint {final}" + (" (best)" if best else "")
+            took = time.perf_counter() - t0
+            line = f"saved checkpoint {final} in {took:.2f} s" + (" (best)" if best else "")
         self.last_saved = state.step
         if best:
             self.best = step_dir_name(state.step)

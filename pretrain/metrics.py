@@ -97,7 +97,13 @@ class Metrics:
     online, falling back to offline (same run id and config) when W&B cannot start within
     `init_timeout_s`, with one line naming the `wandb sync` command, repeated by `close()`. A run
     with an offline record here that was not uploaded yet continues offline (no wait), so that a
-    requeued job adds to the same offline run and one `wandb sync` uploads all of it."""
+    requeued job adds to the same offline run and one `wandb sync` uploads all of it.
+
+    A run resumed from a checkpoint older than its last logged step re-does the steps after it:
+    metrics.jsonl drops their earlier rows, and W&B's run is rewound to the checkpoint's step
+    (`wandb.init(resume_from=...)`) so that it too keeps this run's values of those steps, not
+    the first ones. An offline record carries the rewind to `wandb sync`, which applies it
+    before it uploads the steps that follow (both said in one line at the start)."""
 
     def __init__(
         self,
@@ -127,19 +133,23 @@ class Metrics:
         self.sync_hint: str | None = None  # set when this run logs offline after asking online
         error: str | None = None
         if self.main:
-            _drop_steps_after(run_dir / "metrics.jsonl", start_step)
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives with the run
             if progress and sys.stderr.isatty():
                 from tqdm import tqdm
 
                 self.bar = tqdm(
                     total=total_steps, initial=start_step, unit="step", dynamic_ncols=True
                 )
+            # Steps logged before past the one this run starts from are re-done: W&B rewinds
+            # first, so that a start that fails there leaves metrics.jsonl to say so next time.
+            redone = _last_step(run_dir / "metrics.jsonl")
+            rewind = (start_step, redone) if redone is not None and redone > start_step else None
             if wandb_enabled and mode != "disabled":
                 kwargs = dict(
                     project=project, entity=entity, run_id=run_id, name=run_name, group=group
                 )
-                error = self._start_wandb(config, mode, init_timeout_s, **kwargs)
+                error = self._start_wandb(config, mode, init_timeout_s, rewind, **kwargs)
+            _drop_steps_after(run_dir / "metrics.jsonl", start_step)
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives with the run
         if wandb_enabled and mode == "online":
             error = _from_rank0(error)
         if error is not None:
@@ -189,6 +199,7 @@ class Metrics:
         config: dict,
         mode: str,
         timeout_s: float,
+        rewind: tuple[int, int] | None,
         *,
         project: str,
         entity: str,
@@ -196,10 +207,15 @@ class Metrics:
         name: str,
         group: str = "",
     ) -> str | None:
-        """Start the W&B run (rank 0). Returns the error message when online mode failed."""
+        """Start the W&B run (rank 0). Returns the error message when online mode failed.
+        `rewind`: (the step this run resumes from, the last step logged before), when the steps
+        between are re-done."""
         import wandb
 
         wandb_dir = self.run_dir / "wandb"
+        # Only a run W&B has a record of here can be rewound (W&B refuses an unknown run).
+        if rewind is not None and not any(wandb_dir.glob(f"*run-*-{run_id}*/run-{run_id}.wandb")):
+            rewind = None
         requested = mode
         if mode == "auto":
             env_mode = os.environ.get("WANDB_MODE", "").lower()
@@ -219,20 +235,35 @@ class Metrics:
         if mode == "disabled":
             return None
 
-        def start(mode: str) -> Any:
-            # resume="allow": the same id continues the same run after a restart or requeue.
-            return wandb.init(
+        def start(mode: str, rewind: tuple[int, int] | None = rewind) -> Any:
+            # resume="allow": the same id continues the same run after a restart or requeue;
+            # resume_from rewinds it to a step first (W&B allows one of the two).
+            branch: dict[str, Any] = (
+                {"resume_from": f"{run_id}?_step={rewind[0]}"} if rewind else {"resume": "allow"}
+            )
+            run = wandb.init(
                 project=project,
                 entity=entity or None,
                 id=run_id,
                 name=name,
                 group=group or None,  # the trials of one sweep share a group
-                resume="allow",
                 mode=mode,  # type: ignore[arg-type]
                 dir=str(self.run_dir),
                 config=config,
                 settings=wandb.Settings(silent=True, console="off", init_timeout=timeout_s),
+                **branch,
             )
+            if rewind:
+                first, last = rewind[0] + 1, rewind[1]
+                self.print(
+                    f"W&B: run {run_id} rewound to step {rewind[0]}: steps {first}-{last}, "
+                    "logged before, now keep this run's values as metrics.jsonl does"
+                    if mode == "online"
+                    else f"W&B: run {run_id} rewinds to step {rewind[0]} in its offline record: "
+                    f"`wandb sync` replaces steps {first}-{last} logged before with this run's, "
+                    "as metrics.jsonl does"
+                )
+            return run
 
         if mode == "online":
             before = set(wandb_dir.glob(f"run-*-{run_id}*"))
@@ -242,6 +273,21 @@ class Metrics:
                 return None
             except Exception as e:  # noqa: BLE001 - any failure to start means "not online"
                 waited, cause = time.monotonic() - t0, _one_line(e)
+            if rewind and "rewind" in cause.lower() and waited < timeout_s:
+                # The server answered that it cannot rewind (an older W&B Server): the run goes
+                # on as before, W&B keeping the first values of the re-done steps.
+                with contextlib.suppress(Exception):
+                    wandb.teardown()
+                try:
+                    self.wandb = start("online", rewind=None)
+                    self.print(
+                        f"W&B: could not rewind run {run_id} ({cause}): W&B keeps the first "
+                        f"values of steps {rewind[0] + 1}-{rewind[1]}; metrics.jsonl has this "
+                        "run's"
+                    )
+                    return None
+                except Exception as e:  # noqa: BLE001
+                    waited, cause = time.monotonic() - t0, _one_line(e)
             # The failed run still holds its id in W&B's service process, and left a directory
             # with nothing of the run in it: free both, so the offline run can take the id and
             # no empty "online" run sits next to it.
@@ -341,6 +387,14 @@ def _from_rank0(error: str | None) -> str | None:
     return box[0]
 
 
+def _last_step(path: Path) -> int | None:
+    """The highest step in metrics.jsonl at `path`, or None without rows."""
+    if not path.is_file():
+        return None
+    steps = [json.loads(ln).get("step", 0) for ln in path.read_text().splitlines() if ln.strip()]
+    return max(steps, default=None)
+
+
 def _drop_steps_after(path: Path, step: int) -> None:
     """A resumed run re-does the steps after its checkpoint: their rows from before (logged
     between that checkpoint and the interruption) go, so that no step appears twice. Rewritten
@@ -389,6 +443,13 @@ def plot_loss_curve(run_dir: Path, out: Path | None = None) -> Path | None:
     ax.legend()
     out = out or Path(run_dir) / "loss.png"
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    # Drawn beside it and renamed: a run killed (or a disk filled) while drawing leaves the
+    # previous curve, never half a PNG.
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out

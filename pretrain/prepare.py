@@ -59,7 +59,10 @@ manifest goes last. Tokens are spilled to a hidden temp file in `output` before 
 nothing reads its shards; running the same command again redoes the work from scratch (it
 deletes this app's leftovers: shards, temp files and the tokenizer). Running it over a finished
 prepare with the same config and inputs does nothing; with a different one it refuses unless
-`overwrite=true`.
+`overwrite=true`. A tokenizer in `output` that no prepare wrote (no manifest.json there names
+it by content hash, and no prepare was under way: `.prepare-under-way`, present from the
+tokenizer's write until the manifest's) is the user's: prepare refuses to replace it, unless
+`tokenizer.path` names that very tokenizer.
 """
 
 from __future__ import annotations
@@ -117,10 +120,12 @@ from pretrain.tokenizer import (
     train_tokenizer,
     write_atomic,
 )
+from pretrain.tokenizer.hf import HF_DIR
 
 __all__ = ["PrepareConfig", "PrepareError", "TokenizerConfig", "run_prepare"]
 
 VAL_MIN_CAP = 0.1  # the val minimums never take more than this share of documents or tokens
+UNDER_WAY = ".prepare-under-way"  # in `output` from its tokenizer's write to its manifest's
 
 
 @dataclass
@@ -376,6 +381,32 @@ def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool, say: A
     return False
 
 
+def _check_own_tokenizer(out: Path, given: TextTokenizer | None) -> None:
+    """Refuse to replace a tokenizer in `out` that no prepare wrote there (see the module
+    docstring): a user's own tokenizer.model must not be overwritten or deleted silently."""
+    for found in (out / SP_FILE, out / HF_DIR):
+        if not found.exists() or (out / UNDER_WAY).exists():
+            continue
+        try:
+            sha: str | None = load_tokenizer(found).sha256
+        except TokenizerError:
+            sha = None  # not even a tokenizer: certainly not one a prepare wrote
+        try:
+            ours = (
+                sha is not None
+                and json.loads((out / MANIFEST).read_text()).get("tokenizer_sha256") == sha
+            )
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours and (given is None or given.sha256 != sha):
+            raise PrepareError(
+                f"output={out} holds a tokenizer that no prepare wrote there ({found}; no "
+                f"{MANIFEST} there names it) and this prepare would replace it: to prepare "
+                f"with it, pass tokenizer.path={found}; to use another one, move it out of "
+                f"{out} first, or choose another output directory."
+            )
+
+
 def _train_tokenizer(
     cfg: PrepareConfig, units: list[Unit], out: Path, n_files: int, say: Any
 ) -> bytes:
@@ -448,6 +479,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     identity = _identity(cfg, files, given.sha256 if given is not None else None)
     if _check_existing(out, identity, cfg.overwrite, say):
         return out
+    _check_own_tokenizer(out, given)
     cleaner = Cleaner(cfg.clean)  # reads clean.exclude's texts: a bad path fails here, early
 
     # 1. The tokenizer: trained on a bounded seeded sample, or the given one.
@@ -456,6 +488,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     # 2. Output directory: clear this app's leftovers, then the tokenizer.
     out.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(out)
+    (out / UNDER_WAY).touch()  # the tokenizer about to be written is ours (until the manifest)
     if given is not None:
         stored = given.save(out)
     else:
@@ -554,6 +587,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     write_atomic(out / REPORT, cleaning.report().encode())
     manifest_path = out / MANIFEST
     write_atomic(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    (out / UNDER_WAY).unlink(missing_ok=True)
     fsync_dir(out)
 
     dt = time.perf_counter() - t0

@@ -215,13 +215,27 @@ def _del_path(d: dict[str, Any], keys: list[str]) -> None:
     d.pop(keys[-1], None)
 
 
+def _rewound_to(rec: Any) -> int | None:
+    """The step a run record rewinds its own run to (`wandb.init(resume_from=...)`), or None."""
+    bp = rec.run.branch_point
+    if rec.run.HasField("branch_point") and bp.run == rec.run.run_id and bp.metric == "_step":
+        return int(bp.value)
+    return None
+
+
 def read_history(path: str | Path) -> list[dict[str, Any]]:
     """One dict per logged step, in order, across all files of the run (see `_resolve`): key ->
     decoded JSON value, including wandb's `_step`, `_runtime` and `_timestamp`. A value logged
-    as a nested dict comes back as a nested dict."""
+    as a nested dict comes back as a nested dict. A file that rewinds the run to a step (its run
+    record's branch point names its own run) drops the earlier files' rows past that step, as
+    W&B does when `wandb sync` uploads it."""
     rows: list[dict[str, Any]] = []
     for f in _resolve(path):
         for rec in read_records(f):
+            if rec.WhichOneof("record_type") == "run":
+                step = _rewound_to(rec)
+                if step is not None:
+                    rows = [r for r in rows if r["_step"] <= step]
             if rec.WhichOneof("record_type") != "history":
                 continue
             row: dict[str, Any] = {}
@@ -273,6 +287,8 @@ def _run_record_info(f: Path) -> dict[str, Any]:
                 "resume": r.resume,
                 "resumed": r.resumed,
                 "starting_step": r.starting_step,
+                # `rewound_to`: the step `wandb.init(resume_from=...)` rewound the run to.
+                "rewound_to": _rewound_to(rec),
                 "file": str(f),
             }
     raise WandbFileError(f"{f}: no run record (the run did not get past wandb.init)")
@@ -280,8 +296,8 @@ def _run_record_info(f: Path) -> dict[str, Any]:
 
 def read_run_info(path: str | Path) -> dict[str, Any]:
     """Identity of a run: run_id, project, entity, display_name, group, plus `segments`, one dict per
-    file (oldest first) with that file's start_time, resume, resumed, starting_step and file.
-    The top-level resume/resumed flags are those of the newest file."""
+    file (oldest first) with that file's start_time, resume, resumed, starting_step, rewound_to
+    and file. The top-level resume/resumed flags are those of the newest file."""
     segments = [_run_record_info(f) for f in _resolve(path)]
     ids = {s["run_id"] for s in segments}
     if len(ids) != 1:

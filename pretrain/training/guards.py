@@ -11,6 +11,7 @@ Stops            the early ends after a step, in one order, each with its messag
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -38,13 +39,21 @@ class Preemption:
     """SIGTERM / SIGUSR1 set a flag; at the next logging step the loop saves and exits 75 (a
     launcher requeues the job). The first SIGINT (Ctrl-C) does the same but exits 130; a second
     one within INTERRUPT_AGAIN_S stops at once, unsaved (KeyboardInterrupt). Installed first
-    thing in a run: a signal during a slow start-up must not kill it unsaved."""
+    thing in a run: a signal during a slow start-up must not kill it unsaved.
+
+    Under torchrun one Ctrl-C reaches a rank twice: from the terminal (which signals the whole
+    foreground process group) and again from torchrun, which passes the SIGINT it got on to its
+    workers, milliseconds later. That copy is not a second Ctrl-C: there, one SIGINT within
+    SAME_CTRL_C_S of the first is taken for it (when the two arrive together, Python runs the
+    handler once: no copy is seen)."""
 
     INTERRUPT_AGAIN_S = 5.0
+    SAME_CTRL_C_S = 1.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._interrupted_at = 0.0
+        self._copy_expected = "TORCHELASTIC_RUN_ID" in os.environ  # started by torchrun
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
         if threading.current_thread() is threading.main_thread():
@@ -55,8 +64,13 @@ class Preemption:
 
     def _interrupt(self, signum: int, frame: Any) -> None:
         now = time.monotonic()
-        if self.signum == signal.SIGINT and now - self._interrupted_at < self.INTERRUPT_AGAIN_S:
-            raise KeyboardInterrupt
+        if self.signum == signal.SIGINT:
+            since = now - self._interrupted_at
+            if self._copy_expected and since < self.SAME_CTRL_C_S:
+                self._copy_expected = False
+                return
+            if since < self.INTERRUPT_AGAIN_S:
+                raise KeyboardInterrupt
         self._interrupted_at = now
         if self.signum is None:
             self.signum = signum

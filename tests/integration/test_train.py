@@ -186,6 +186,40 @@ def test_metrics_reach_wandb_offline_files_and_resume_continues_the_run(
 
 
 @pytest.mark.timeout(200)
+def test_wandb_rewinds_to_the_resumed_checkpoint_as_metrics_jsonl_does(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """A run resumed from an older checkpoint re-does steps W&B has logged: its offline record
+    rewinds to the checkpoint, so W&B holds this run's values of those steps (timings differ
+    between the two runs), the ones metrics.jsonl holds."""
+    run = tmp_path / "run"
+    wb = ("logging.wandb=true", "logging.wandb_mode=offline", "train.max_steps=6")
+    ok(train_cli(tiny_data, run, "checkpoint.every=3", *wb))
+    first = {r["step"]: r for r in read_metrics(run) if "loss" in r}
+    older = run / "checkpoints" / "step_0000003"
+    out = ok(train_cli(tiny_data, run, f"checkpoint.resume={older}", *wb)).stdout
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("W&B:")]
+    assert "rewinds to step 3 in its offline record" in line and "steps 4-6" in line, line
+
+    info = read_run_info(run / "wandb")
+    assert [s["rewound_to"] for s in info["segments"]] == [None, 3]
+    jsonl = {r["step"]: r for r in read_metrics(run) if "loss" in r}
+    assert sorted(jsonl) == list(range(1, 7))
+    rows = [r for r in read_history(run / "wandb") if "loss" in r]
+    assert [r["_step"] for r in rows] == list(range(1, 7))  # each step once, as uploaded
+    for r in rows:
+        assert r["step_time_s"] == jsonl[r["_step"]]["step_time_s"], r["_step"]
+    # The first run's values of the re-done steps were others: W&B kept them before.
+    assert any(first[s]["step_time_s"] != jsonl[s]["step_time_s"] for s in (4, 5, 6))
+    # A resume that re-does nothing continues the run without rewinding it.
+    out = ok(train_cli(tiny_data, run, *wb[:2], "train.max_steps=8")).stdout
+    assert "W&B:" not in out
+    assert [s["rewound_to"] for s in read_run_info(run / "wandb")["segments"]] == [None, 3, None]
+    rows = [r for r in read_history(run / "wandb") if "loss" in r]
+    assert [r["_step"] for r in rows] == list(range(1, 9))
+
+
+@pytest.mark.timeout(200)
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     ok(train_cli(tiny_data, run, "train.max_steps=2", "checkpoint.every=2"))
@@ -634,6 +668,95 @@ def test_one_trainer_per_run_dir_and_no_step_logged_twice(tiny_data: Path, tmp_p
     assert "resumed from" in out
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert steps == list(range(1, killed_at + 3))  # each once, in order
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:  # the parent pid
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _holds_open(pid: int, path: Path) -> bool:
+    import os
+
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.path.realpath(fd) == str(path.resolve()) for fd in fds.iterdir())
+
+
+@pytest.mark.timeout(300)
+def test_a_sigkilled_trainers_dataloader_workers_do_not_keep_the_run_dir(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """The trainer alone is SIGKILLed; its DataLoader workers, forked with the lock file open,
+    live on (stopped here, as if they had not noticed yet): a restart at once takes the run
+    dir, since the lock was the trainer's own."""
+    import os
+
+    run = tmp_path / "run"
+    first = _start(tiny_data, run, "checkpoint.every=2", "data.num_workers=2")
+    _wait_for_rows(run, 3)
+    workers = _children(first.pid)
+    assert len(workers) >= 2 and all(_holds_open(w, run / ".run.lock") for w in workers)
+    try:
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)  # its output pipes stay open in the stopped workers
+        out = ok(train_cli(tiny_data, run, "train.max_steps=8", "data.num_workers=2")).stdout
+        assert "resumed from" in out
+    finally:
+        for w in workers:
+            os.kill(w, signal.SIGKILL)
+        first.communicate(timeout=60)
+
+
+@pytest.mark.timeout(300)
+def test_a_run_dir_held_on_another_node_is_refused_and_a_requeued_job_takes_it_over(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """The holder runs on "node-a" (its own hostname, in a UTS namespace) as Slurm job 4242.
+    Another job here is refused with the holder's host, pid and start time; the same job
+    requeued (a higher SLURM_RESTART_COUNT) takes the dir over while the earlier instance's
+    lock still stands (it is stopped: a node gone silent), and resumes its checkpoint."""
+    import os
+    import re
+    import shutil
+
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "--uts", "true"]).returncode != 0:
+        pytest.skip("needs unshare --uts (root, or user namespaces) to give a process a host")
+    run = tmp_path / "run"
+    cmd = (f"hostname node-a && exec {sys.executable} -m pretrain.train experiment=debug "
+           f"data.dir={tiny_data} run.dir={run} train.max_steps=100000 checkpoint.every=2")  # fmt: skip
+    holder = subprocess.Popen(
+        [unshare, "--uts", "sh", "-c", cmd], cwd=REPO, start_new_session=True,
+        env=test_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for_rows(run, 3)
+        other = train_cli(tiny_data, run, "train.max_steps=8",
+                          env=test_env(SLURM_JOB_ID="4243"))  # fmt: skip
+        assert other.returncode == 1
+        (error,) = [ln for ln in other.stderr.splitlines() if ln.startswith("error:")]
+        when = r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+        assert re.search(rf"in use by a live run \(pid {holder.pid} on node-a, {when}", error)
+        assert "Slurm job 4242 (restart 0)" in error
+
+        os.killpg(holder.pid, signal.SIGSTOP)
+        requeued = ok(train_cli(tiny_data, run, "train.max_steps=8",
+                                env=test_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1")))  # fmt: skip
+        assert "taking the run dir over from this Slurm job's earlier instance" in requeued.stdout
+        assert "resumed from" in requeued.stdout
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=60)
 
 
 @pytest.mark.timeout(200)

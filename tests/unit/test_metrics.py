@@ -1,11 +1,16 @@
-"""Which offline W&B record a run continues, and the command that uploads it."""
+"""Which offline W&B record a run continues, and the command that uploads it; the loss curve
+written whole or not at all."""
 
 from __future__ import annotations
 
+import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from pretrain.metrics import offline_records, sync_command
+from tests.conftest import REPO, test_env
 
 
 def segment(wandb_dir: Path, name: str, run_id: str) -> Path:
@@ -33,3 +38,34 @@ def test_sync_command_is_absolute_and_quoted(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.chdir(tmp_path)
     cmd = sync_command(Path("runs/my run/wandb"))
     assert shlex.split(cmd) == ["wandb", "sync", str(tmp_path / "runs" / "my run" / "wandb")]
+
+
+# A file-size limit below a PNG's size: the write fails (EFBIG) as on a full disk.
+DRAW_LIMITED = """
+import resource, signal, sys
+from pathlib import Path
+from pretrain.metrics import plot_loss_curve
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+plot_loss_curve(Path(sys.argv[1]))
+"""
+
+
+def test_the_loss_curve_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    rows = [{"step": s, "loss": 6.0 - s / 10} for s in range(1, 30)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "loss.png").write_bytes(b"the previous curve")
+    failed = subprocess.run(
+        [sys.executable, "-c", DRAW_LIMITED, str(tmp_path)],
+        cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert failed.returncode != 0 and "File too large" in failed.stderr, failed.stderr[-2000:]
+    assert (tmp_path / "loss.png").read_bytes() == b"the previous curve"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+    done = subprocess.run(
+        [sys.executable, "-c", DRAW_LIMITED.replace("4096, 4096", "10**8, 10**8"), str(tmp_path)],
+        cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]

@@ -483,3 +483,41 @@ def test_an_output_that_is_a_file_and_a_too_small_vocabulary_are_refused(tmp_pat
     with pytest.raises(PrepareError, match=r"tokenizer.vocab_size=-5: .* more than 260"):
         run_prepare(tiny_config(corpus, tmp_path / "out", tokenizer=TokenizerConfig(vocab_size=-5)))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_no_prepare_wrote_is_never_replaced(tiny_data: Path, tmp_path: Path):
+    """A user's own tokenizer.model in the output is refused in one line (kept byte for byte),
+    used when tokenizer.path names it; one swapped in after a prepare is the user's too."""
+    corpus = make_corpus(tmp_path / "c", n_files=6)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = (tiny_data / "tokenizer.model").read_bytes()
+    (out / "tokenizer.model").write_bytes(mine)
+    refused = subprocess.run(
+        [sys.executable, "-m", "pretrain.prepare", f"input={corpus}/**/*.py", f"output={out}",
+         "tokenizer.vocab_size=1000", "num_proc=1"],
+        env=test_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    (line,) = refused.stderr.strip().splitlines()
+    assert "holds a tokenizer that no prepare wrote there" in line
+    assert f"pass tokenizer.path={out / 'tokenizer.model'}" in line
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model"]
+    assert (out / "tokenizer.model").read_bytes() == mine
+
+    def cfg(output: Path, **kw: object) -> PrepareConfig:
+        return tiny_config(corpus, output, num_proc=1, shard_tokens=4096, **kw)
+
+    named = TokenizerConfig(path=str(out / "tokenizer.model"))
+    run_prepare(cfg(out, tokenizer=named))
+    assert (out / "tokenizer.model").read_bytes() == mine
+    assert not (out / ".prepare-under-way").exists()
+
+    # A prepare's own tokenizer, then the user's put in its place: the manifest does not name it.
+    other = tmp_path / "other"
+    run_prepare(cfg(other))
+    run_prepare(cfg(other, seed=7, overwrite=True))  # its own tokenizer: replaced as asked
+    (other / "tokenizer.model").write_bytes(mine)
+    with pytest.raises(PrepareError, match="no prepare wrote there"):
+        run_prepare(cfg(other, seed=8, overwrite=True))
+    assert (other / "tokenizer.model").read_bytes() == mine

@@ -103,8 +103,9 @@ def test_a_trial_dir_only_continues_as_the_same_trial(tmp_path: Path) -> None:
 
 
 def test_a_trial_dir_is_run_in_by_one_process_at_a_time(tmp_path: Path) -> None:
-    """The lock is the kernel's (flock): a second holder is refused with the first one named,
-    and a lock whose holder is gone (closed, or the process killed) is free again."""
+    """The lock is the kernel's (a POSIX lock): a second holder is refused with the first one
+    named, in this process too, and a lock whose holder is gone (released, or the process
+    killed) is free again."""
     first, second = DirLock(tmp_path / ".trial.lock"), DirLock(tmp_path / ".trial.lock")
     assert first.acquire() is None
     assert second.acquire().startswith(f"pid {os.getpid()} on {os.uname().nodename}, started ")
