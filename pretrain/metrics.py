@@ -387,12 +387,27 @@ def _from_rank0(error: str | None) -> str | None:
     return box[0]
 
 
+def _rows(lines: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The whole rows of metrics.jsonl's `lines`, each with its parsed value. A line that is
+    not JSON can only be the last one, cut off by a kill in the middle of its write: it is
+    not a row."""
+    out = []
+    for ln in lines:
+        if not ln.strip():
+            continue
+        try:
+            out.append((ln if ln.endswith("\n") else ln + "\n", json.loads(ln)))
+        except ValueError:
+            continue
+    return out
+
+
 def _last_step(path: Path) -> int | None:
     """The highest step in metrics.jsonl at `path`, or None without rows."""
     if not path.is_file():
         return None
-    steps = [json.loads(ln).get("step", 0) for ln in path.read_text().splitlines() if ln.strip()]
-    return max(steps, default=None)
+    rows = _rows(path.read_text().splitlines())
+    return max((row.get("step", 0) for _, row in rows), default=None)
 
 
 def _drop_steps_after(path: Path, step: int) -> None:
@@ -402,8 +417,8 @@ def _drop_steps_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    if len(keep) == len(lines):
+    keep = [ln for ln, row in _rows(lines) if row.get("step", 0) <= step]
+    if keep == lines:
         return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(keep))
@@ -412,7 +427,7 @@ def _drop_steps_after(path: Path, step: int) -> None:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in _rows(path.read_text().splitlines())]
 
 
 def plot_loss_curve(run_dir: Path, out: Path | None = None) -> Path | None:

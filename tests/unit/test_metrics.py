@@ -69,3 +69,16 @@ def test_the_loss_curve_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+def test_a_row_cut_off_by_a_kill_is_not_a_row(tmp_path: Path) -> None:
+    """A kill in the middle of a row's write leaves half a line at the end of metrics.jsonl:
+    readers skip it, and a resume drops it with the rows it re-does."""
+    from pretrain.metrics import _drop_steps_after, _last_step, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 5.0 - s} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    assert read_metrics(tmp_path) == rows and _last_step(path) == 3
+    _drop_steps_after(path, 2)
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:2])
