@@ -396,6 +396,8 @@ class Background:
     Ctrl-C, abandons the write (its `.tmp-` directory never becomes a checkpoint, and the next
     start removes it), as does a SIGKILL."""
 
+    in_flight: set[Background] = set()  # every Background with a write under way
+
     def __init__(self) -> None:
         from pretrain.engine.staging import Stager
 
@@ -435,6 +437,7 @@ class Background:
                 self.error = e
 
         self.thread = threading.Thread(target=run, name="pretrain-checkpoint", daemon=True)
+        Background.in_flight.add(self)
         self.thread.start()
         return f"{final} staged in {self.stall_s:.2f} s"
 
@@ -450,6 +453,7 @@ class Background:
         while self.thread.is_alive():
             self.thread.join(0.1)  # short joins: a second Ctrl-C is taken at once
         self.thread = None
+        Background.in_flight.discard(self)
         if self.error is not None:
             raise self.error
         took = time.perf_counter() - self.began
@@ -457,6 +461,25 @@ class Background:
             f"saved checkpoint {self.path} (training stalled {self.stall_s:.2f} s; written in "
             f"the background in {took:.1f} s)"
         )
+
+
+SETTLE_S = 300.0
+
+
+def settle(timeout_s: float = SETTLE_S) -> None:
+    """After an error (or before the error's message names the last good checkpoint): let a
+    background write in flight finish, for up to `timeout_s`. What it writes was staged
+    before the error, from a state that passed the loss checks, so it is worth keeping; and
+    the process group must not be torn down under its collectives. Its own failure is not
+    raised: the run is failing already. With a peer gone, its collectives fail at once (or
+    the peer watcher ends this process): nothing waits for a dead rank."""
+    for background in list(Background.in_flight):
+        thread = background.thread
+        if thread is not None:
+            thread.join(timeout_s)
+        if thread is None or not thread.is_alive():
+            Background.in_flight.discard(background)
+            background.thread = None
 
 
 class RunState(Protocol):
@@ -564,6 +587,12 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         return find_resume(self.root, "auto")
+
+    def last_good(self) -> Path | None:
+        """The newest complete checkpoint once a background write in flight has settled (for
+        a run that stops on an error: its message names it)."""
+        settle()
+        return self.latest()
 
     def save(self, engine: Any, state: RunState, *, best: bool = False) -> str:
         """Collective: every rank calls it. Saves the engine and the training state

@@ -48,6 +48,7 @@ EXPECTED_ERRORS = (
 
 def run(cfg: DictConfig) -> tuple[RunEnd | None, str]:
     """`train`, with expected failures turned into (None, their message)."""
+    interrupted = False
     try:
         if cfg.sweep.dir:
             sweep_trial.check(cfg)
@@ -57,6 +58,7 @@ def run(cfg: DictConfig) -> tuple[RunEnd | None, str]:
         if isinstance(e, SystemExit) and not e.code:
             raise
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C twice: at once, unsaved, one line
+            interrupted = True
             print(
                 "interrupted twice: stopped at once without saving; the last checkpoint is kept "
                 "and the same command continues from it",
@@ -85,6 +87,8 @@ def run(cfg: DictConfig) -> tuple[RunEnd | None, str]:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
+        if not interrupted:  # (a second Ctrl-C stops at once: its write is abandoned)
+            checkpoint.settle()  # a background write in flight ends before its process group
         process_group.destroy()
 
 

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,13 +107,15 @@ class DivergenceGuard:
             self.bad |= ~torch.isfinite(grad_norm.to(self.bad.device))
         self.since += 1
 
-    def check(self, step: int, last_good: Path | None) -> None:
+    def check(self, step: int, last_good: Callable[[], Path | None]) -> None:
+        """Collective: stop the run (NonFiniteLoss) if any rank saw a bad loss since the last
+        check, naming `last_good()` (asked only then)."""
         if self.engine.any_rank(bool(self.bad.item())):
             raise NonFiniteLoss(
                 f"the loss became NaN/inf, or exploded past {self.limit:.1f} ({self.EXPLODED:g} x "
                 f"a uniform guess's), between step {step - self.since} and step {step}. "
                 f"Nothing was saved after it; the last good checkpoint is "
-                f"{last_good or 'none'}. Lower optim.lr, raise schedule.warmup_steps, use "
+                f"{last_good() or 'none'}. Lower optim.lr, raise schedule.warmup_steps, use "
                 "precision=bf16 instead of fp16, or check the data; then resume with "
                 "checkpoint.resume=auto."
             )

@@ -111,7 +111,7 @@ def train(cfg: Config) -> RunEnd:
         preempted = False
         if metrics.due(state.step):
             preempted = stops.signalled()
-            guard.check(state.step, ckpt.latest())
+            guard.check(state.step, ckpt.last_good)
             metrics.log(
                 state.step,
                 {**meter.flush(lr=lr, grad_norm=grad_norm, tokens_seen=state.tokens_seen),
@@ -126,7 +126,7 @@ def train(cfg: Config) -> RunEnd:
             stop = stops.after(state.step, preempted=preempted, pruned=bool(val and val.pruned))
             best = bool(val and val.new_best)
             if ckpt.due(state.step, stop=stop is not None, best=best):
-                guard.check(state.step, ckpt.latest())  # weights that saw a NaN are never saved
+                guard.check(state.step, ckpt.last_good)  # weights that saw a NaN are never saved
                 metrics.print(ckpt.save(engine, state, best=best))
         if stop is not None:
             break

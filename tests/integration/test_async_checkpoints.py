@@ -123,6 +123,10 @@ def test_an_error_while_a_write_is_in_flight(tiny_data: Path, tmp_path: Path) ->
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "NaN/inf" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # The write in flight was let finish before the message named the last good checkpoint.
+    named = proc.stderr.split("the last good checkpoint is ")[1].split(". ")[0]
+    assert checkpoint.is_complete(Path(named)), named
+    assert Path(named) == checkpoint.find_resume(run / "checkpoints", "auto")
     for ckpt in checkpoint.list_checkpoints(run / "checkpoints"):
         assert checkpoint.verify(ckpt) is None
         weights = checkpoint.load_model_weights(ckpt)

@@ -33,12 +33,12 @@ def test_a_nan_or_exploded_loss_stops_at_the_next_check(engine, bad: float) -> N
     norm = torch.tensor(1.0)
     for loss in (6.3, 9.0, 3.0):  # a healthy run: from ln(512) = 6.24 down, a bump
         guard.observe(torch.tensor(loss), norm)
-    guard.check(3, None)
+    guard.check(3, lambda: None)
     guard.observe(torch.tensor(bad), norm)
     guard.observe(torch.tensor(5.0), norm)  # a good step after it does not hide it
     with pytest.raises(NonFiniteLoss, match="between step 3 and step 5.*last good checkpoint is "
                        "ckpt/step_3"):  # fmt: skip
-        guard.check(5, Path("ckpt/step_3"))
+        guard.check(5, lambda: Path("ckpt/step_3"))
 
 
 # SIGINTs to this very process, `gap` seconds apart, the Python handler running in between; what
