@@ -32,6 +32,7 @@ that is damaged stops the run. Checkpoints from before checksums.json existed lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -385,8 +386,9 @@ def _give_up(root: Path, tmp: Path, final: Path, what: str) -> None:
 class Background:
     """Checkpoints written by a thread of their own (`checkpoint.async_save`), one at a time.
 
-    `start` stages the state into host memory (`pretrain.engine.staging`: the only stall),
-    then a thread runs the same `write` as a synchronous save: the same files, checksums,
+    `start` stages the state into host memory (`pretrain.engine.staging`: the only stall,
+    with any wait for the write before), then a thread at the lowest CPU priority
+    (`lower_priority`) runs the same `write` as a synchronous save: the same files, checksums,
     COMPLETE, rename and `latest`, after every rank's write succeeded. The thread's
     collectives go over a gloo process group of its own (`dist.new_group`): sharing the main
     one with the training step's collectives would pair operations of two threads wrongly. A
@@ -419,9 +421,12 @@ class Background:
         keep_last: int,
         complete: Callable[[Path], None],
     ) -> str:
-        """Collective: stage this step's state, start writing it. Returns the checkpoint's
-        path and the stall, for the log."""
+        """Collective: wait for the write before it, stage this step's state, start writing
+        it. Returns the lines for the log: the previous write's, if it had not been reported,
+        and this one's path and stall (the wait included)."""
         t0 = time.perf_counter()
+        done = self.wait()
+        waited = time.perf_counter() - t0
         final, tmp = begin(root, state.step)
         staged = self.stager.stage(engine.state_dict())
         native = engine.stage_native(str(tmp / NATIVE))
@@ -432,6 +437,7 @@ class Background:
 
         def run() -> None:
             try:
+                lower_priority()
                 complete(write(job, self.group))
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
@@ -439,7 +445,10 @@ class Background:
         self.thread = threading.Thread(target=run, name="pretrain-checkpoint", daemon=True)
         Background.in_flight.add(self)
         self.thread.start()
-        return f"{final} staged in {self.stall_s:.2f} s"
+        line = f"checkpoint {final} staged in {self.stall_s:.2f} s"
+        if waited >= 0.01:
+            line += f" ({waited:.2f} s of it waiting for the previous write)"
+        return (f"{done}\n" if done else "") + line + ": writing in the background"
 
     def poll(self) -> str | None:
         if self.thread is None or self.thread.is_alive():
@@ -450,17 +459,33 @@ class Background:
         """Wait for the write in flight (if any). Returns its line, or raises its failure."""
         if self.thread is None:
             return None
+        t0 = time.perf_counter()
         while self.thread.is_alive():
             self.thread.join(0.1)  # short joins: a second Ctrl-C is taken at once
         self.thread = None
         Background.in_flight.discard(self)
         if self.error is not None:
             raise self.error
+        waited = time.perf_counter() - t0
         took = time.perf_counter() - self.began
-        return (
+        line = (
             f"saved checkpoint {self.path} (training stalled {self.stall_s:.2f} s; written in "
-            f"the background in {took:.1f} s)"
+            f"the background in {took:.1f} s"
         )
+        return line + (f"; waited {waited:.2f} s for it here)" if waited >= 0.01 else ")")
+
+
+def lower_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: a thread's own nice value, 19
+    steps below the process's).
+    The background writer then takes the cores only when training leaves them idle: on a
+    machine whose cores all compute (CPU training), a writer at equal priority preempts the
+    compute threads, and every parallel region waits for the one that lost its core
+    (BENCHMARKS.md, "Checkpoints in the background"). Best effort elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        # 19 below the process's own (at most 19): relative, for a process started niced.
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 19))
 
 
 SETTLE_S = 300.0
@@ -599,12 +624,9 @@ class Checkpointer:
         (`TrainState`) at its step, or with `checkpoint.async_save` stages them and writes in
         the background (after waiting for the save before it). `best`: this is the new best
         checkpoint. Returns the line to print."""
-        if self.background is not None:
-            done = self.background.wait()  # one save at a time; its failure is raised here
-            staged = self.background.start(self.root, engine, state, self._train_state(state, best),
-                                           self.config, self.keep_last, self._on_complete(best))  # fmt: skip
-            line = f"checkpoint {staged}: writing in the background"
-            line = f"{done}\n{line}" if done else line
+        if self.background is not None:  # one save at a time: the previous one's failure raises
+            line = self.background.start(self.root, engine, state, self._train_state(state, best),
+                                         self.config, self.keep_last, self._on_complete(best))  # fmt: skip
         else:
             t0 = time.perf_counter()
             final, tmp = begin(self.root, state.step)
