@@ -32,7 +32,6 @@ that is damaged stops the run. Checkpoints from before checksums.json existed lo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -387,8 +386,9 @@ class Background:
     """Checkpoints written by a thread of their own (`checkpoint.async_save`), one at a time.
 
     `start` stages the state into host memory (`pretrain.engine.staging`: the only stall,
-    with any wait for the write before), then a thread at the lowest CPU priority
-    (`lower_priority`) runs the same `write` as a synchronous save: the same files, checksums,
+    with any wait for the write before), then a thread runs the same `write` as a
+    synchronous save (at the process's priority: a lowered one starves the writer while
+    training keeps every core busy, measured in BENCHMARKS.md): the same files, checksums,
     COMPLETE, rename and `latest`, after every rank's write succeeded. The thread's
     collectives go over a gloo process group of its own (`dist.new_group`): sharing the main
     one with the training step's collectives would pair operations of two threads wrongly. A
@@ -437,7 +437,6 @@ class Background:
 
         def run() -> None:
             try:
-                lower_priority()
                 complete(write(job, self.group))
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
@@ -473,19 +472,6 @@ class Background:
             f"the background in {took:.1f} s"
         )
         return line + (f"; waited {waited:.2f} s for it here)" if waited >= 0.01 else ")")
-
-
-def lower_priority() -> None:
-    """Give the calling thread the lowest CPU priority (Linux: a thread's own nice value, 19
-    steps below the process's).
-    The background writer then takes the cores only when training leaves them idle: on a
-    machine whose cores all compute (CPU training), a writer at equal priority preempts the
-    compute threads, and every parallel region waits for the one that lost its core
-    (BENCHMARKS.md, "Checkpoints in the background"). Best effort elsewhere."""
-    with contextlib.suppress(OSError, AttributeError):
-        tid = threading.get_native_id()
-        # 19 below the process's own (at most 19): relative, for a process started niced.
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 19))
 
 
 SETTLE_S = 300.0
