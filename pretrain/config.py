@@ -14,6 +14,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -83,10 +84,33 @@ class DataConfig:
     """Check every shard's sha256 before the first step (every shard read is checked anyway)."""
 
 
+class OptimizerName(str, Enum):
+    """`optim.name`: the optimizer (pretrain/optim)."""
+
+    adamw = "adamw"
+    muon = "muon"
+
+
+class MuonAdjustLR(str, Enum):
+    """`optim.muon_adjust_lr`: how Muon scales its lr per matrix [A, B] (torch.optim.Muon's)."""
+
+    match_rms_adamw = "match_rms_adamw"
+    original = "original"
+
+
+class MuonNSDtype(str, Enum):
+    """`optim.muon_ns_dtype`: the precision Newton-Schulz runs in."""
+
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 @dataclass
 class OptimConfig:
+    name: OptimizerName = OptimizerName.adamw
+    """adamw (every parameter), or muon (Muon for the block matrices, AdamW for the rest)."""
     lr: float = 6e-4
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate (AdamW; under muon also Muon's, unless optim.muon_lr is set)."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matmul weights only (not biases, norms, positions)."""
     l1: float = 0.0
@@ -101,6 +125,22 @@ class OptimConfig:
     """Fused AdamW kernel: auto (on CUDA), true, false."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
+    muon_lr: float | None = None
+    """muon: peak lr of the Muon matrices before muon_adjust_lr (null = optim.lr), scheduled alike."""
+    muon_adjust_lr: MuonAdjustLR = MuonAdjustLR.match_rms_adamw
+    """muon: match_rms_adamw (lr * 0.2 * sqrt(max(A, B)): AdamW's lr carries over) or original
+    (lr * sqrt(max(1, A / B)), Keller Jordan's: set optim.muon_lr ~0.02)."""
+    muon_weight_decay: float | None = None
+    """muon: decoupled weight decay of the Muon matrices (null = optim.weight_decay)."""
+    muon_momentum: float = 0.95
+    """muon: momentum of the Muon matrices' buffer."""
+    muon_nesterov: bool = True
+    """muon: Nesterov momentum."""
+    muon_ns_steps: int = 5
+    """muon: Newton-Schulz iterations that orthogonalise each update."""
+    muon_ns_dtype: MuonNSDtype = MuonNSDtype.bf16
+    """muon: Newton-Schulz in bf16 (torch.optim.Muon's; GPUs, CPUs with AVX512-BF16/AMX) or fp32
+    (CPUs without bf16 matmuls, where it is 10-50x faster: BENCHMARKS.md)."""
 
 
 @dataclass
@@ -451,6 +491,6 @@ def _unknown_source_key(arg: str) -> str | None:
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain containers (for YAML, JSON and W&B)."""
-    out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True)
     assert isinstance(out, dict)
     return out  # type: ignore[return-value]

@@ -28,6 +28,8 @@ The package's modules, one concern each:
     measure.py          the bytes a rank's tensors hold
     deepspeed_state.py  the one adapter over DeepSpeed's internals
     fragments.py        DeepSpeed's flat partitions as sharded tensors for the checkpoint
+    matrices.py         which rank holds which piece of each matrix, for an optimizer that
+                        needs whole matrices (Muon), and the all-to-all it exchanges them with
 
 Importing the package (say, for `precision` or `strategies`) loads neither Accelerate nor
 DeepSpeed nor the strategies: `create_engine` imports the one it builds, and `Engine` is

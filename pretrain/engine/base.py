@@ -7,7 +7,8 @@ checkpoint (DCP). Because every strategy speaks that form, a checkpoint saved un
 strategy and world size loads under any other:
 
     {"model": {fqn: tensor},                      # fp32 weights (DTensor shards under FSDP)
-     "optim": {"state": {fqn: {"step", "exp_avg", "exp_avg_sq"}},
+     "optim": {"state": {fqn: {"step", "exp_avg", "exp_avg_sq"}},  # AdamW's (a Muon
+               # matrix's: {"step", "momentum_buffer"}; the buffer sharded as its parameter)
                "param_groups": [{hyperparameters..., "params": [fqn, ...]}, ...]},
      "scaler": {"scale", "growth_tracker"}}       # fp16 only
 
@@ -38,6 +39,8 @@ from pretrain.model import GPT, GPTConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from pretrain.engine.matrices import MatrixSharding
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -147,6 +150,19 @@ class Engine(ABC):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Wrap `model` for the strategy (a meta model gets this rank's storage; a real one
         keeps its values), then build its optimizer (after sharding)."""
+
+    def matrix_sharding(self) -> MatrixSharding | None:
+        """Where the pieces of each matrix the optimizer holds live, for an optimizer that needs
+        whole matrices (Muon; `pretrain/engine/matrices.py`). None: the optimizer holds every
+        matrix whole (single, ddp). Collective where it is not None: call on every rank."""
+        return None
+
+    def share_matrices(self) -> None:
+        """Hand the optimizer the matrix sharding if it asks for one (`set_matrix_sharding`):
+        the last stage of `setup`, once the optimizer holds what it will step."""
+        hook = getattr(self.optimizer, "set_matrix_sharding", None)
+        if callable(hook):
+            hook(self.matrix_sharding())
 
     def init_weights(self, seed: int) -> None:
         """Give every parameter its initial value, `GPT.initial_value(name, seed)`: each rank

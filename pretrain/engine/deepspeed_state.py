@@ -150,6 +150,22 @@ class DeepSpeedState:
             ]
         return list(enumerate(zero.single_partition_of_fp32_groups))
 
+    def flat_groups(self) -> list[tuple[int, torch.Tensor, list[nn.Parameter]]]:
+        """(client param-group index, flat fp32 master partition, the parameters it holds
+        fragments of), as `flat_masters` orders them. The same parameters in the same order on
+        every rank (stages 1, 2: all of the group's; stage 3: its sub-group's), whatever each
+        rank holds of them."""
+        zero = self.zero
+        if self.stage == 3:
+            return [
+                (zero.sub_group_to_group_id[i], flat, list(zero.fp16_groups[i]))
+                for i, flat in enumerate(zero.fp32_partitioned_groups_flat)
+            ]
+        return [
+            (i, flat, list(zero.bit16_groups[i]))
+            for i, flat in enumerate(zero.single_partition_of_fp32_groups)
+        ]
+
     def copy_master_to_model(self) -> None:
         """The fp32 masters were written: refresh the weights the model computes with (ZeRO-1/2:
         all-gather the 16-bit flat groups, a collective; ZeRO-3: each rank's own partitions)."""

@@ -31,6 +31,7 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
@@ -40,9 +41,11 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor, Shard
 
 from pretrain.config import ConfigError
 from pretrain.engine.base import OptimizerFactory
+from pretrain.engine.matrices import MatrixPieces, MatrixSharding, row_pieces
 from pretrain.engine.process_group import ensure_process_group
 from pretrain.engine.torch_engine import TorchEngine
 
@@ -135,6 +138,35 @@ class FSDPEngine(TorchEngine):
         self.scaler = ShardedGradScaler(
             self.device.type, enabled=self.dtype == torch.float16, process_group=None
         )
+        self.share_matrices()
+
+    def matrix_sharding(self) -> MatrixSharding:
+        """Every 2-D parameter is a DTensor sharded by rows (Shard(0)) over the mesh's shard
+        dimension: rank r of the shard group holds one range of rows (torch.chunk's split; an
+        uneven last shard, or none). The rows each rank holds are gathered once, here; under
+        hsdp each replica group exchanges within itself (the replicas hold the same shards)."""
+        group = self.mesh.get_group("shard")
+        rank, size = self.mesh.get_local_rank("shard"), self.mesh.size(self.mesh.ndim - 1)
+        named = [
+            (name, p)
+            for name, p in self.raw_model.named_parameters()
+            if p.ndim == 2 and isinstance(p, DTensor)
+        ]
+        mine: dict[str, tuple[int, int]] = {}
+        for name, p in named:
+            if Shard(0) not in p.placements:
+                raise ConfigError(f"{name}: FSDP sharded it {p.placements}, not by rows (Shard(0))")
+            rows = int(p.to_local().shape[0])
+            first = int(p.__create_chunk_list__()[0].offsets[0]) if rows else 0
+            mine[name] = (first, rows)
+        every: list[Any] = [None] * size
+        dist.all_gather_object(every, mine, group=group)
+        pieces = {id(p): [row_pieces(name, p.shape, [e[name] for e in every])] for name, p in named}
+
+        def matrices(held: torch.Tensor) -> list[MatrixPieces]:
+            return pieces[id(held)]
+
+        return MatrixSharding(rank, size, matrices, group, self.device)
 
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
         # No autocast: FSDP casts the parameters to param_dtype itself. Gradients are

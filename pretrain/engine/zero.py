@@ -49,6 +49,7 @@ from pretrain.engine.base import Engine, OptimizerFactory
 from pretrain.engine.deepspeed_state import DeepSpeedState, Fragment
 from pretrain.engine.fragments import Layout, fragment_tensor, local_pieces
 from pretrain.engine.hostmem import release_host_memory
+from pretrain.engine.matrices import MatrixPieces, MatrixSharding
 from pretrain.engine.measure import storage_bytes
 from pretrain.engine.precision import scaler_state
 from pretrain.engine.staging import Stager
@@ -283,6 +284,7 @@ class ZeroEngine(Engine):
         self.internals = DeepSpeedState(self.ds, self.params)
         self.zero: Any = self.internals.zero  # DeepSpeedZeroOptimizer(_Stage3)
         self.optimizer = self.zero.optimizer  # our torch AdamW, now over flat fp32 partitions
+        self.share_matrices()
         # Allocated zeroed; first written in backward. In host memory, the heap's freed blocks
         # make room for it there (`_trim_heap_in_backward`): where the activations are in host
         # memory too (not a GPU's, under zero3_offload), and where they do not go back to the
@@ -411,11 +413,50 @@ class ZeroEngine(Engine):
         for g, params, lr in zip(opt.param_groups, saved_params, saved_lrs):
             g["params"], g["lr"] = params, lr
 
-    def _state_keys(self) -> list[str]:
-        """Per-element optimizer state keys (exp_avg, exp_avg_sq for AdamW)."""
-        flat = self.internals.flat_masters()[0][1]
-        state = self.optimizer.state[flat]
-        return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
+    def _state_keys(self) -> dict[str, list[str]]:
+        """Per-element optimizer state keys of every parameter, by name (exp_avg, exp_avg_sq for
+        AdamW; momentum_buffer for Muon): those of its param group's flat partition, which every
+        rank has, whether or not it holds a fragment of the parameter."""
+        by_group: dict[int, list[str]] = {}
+        for gid, flat in self.internals.flat_masters():
+            state = self.optimizer.state[flat]
+            by_group[gid] = sorted(
+                k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape
+            )
+        return {
+            name: by_group[gid] for gid, (_, names) in enumerate(self.group_meta) for name in names
+        }
+
+    def matrix_sharding(self) -> MatrixSharding:
+        """The matrices behind each flat partition of a Muon group (`deepspeed_state.flat_groups`),
+        with every rank's fragment of each (`layout`: one all-gather, the first time) and this
+        rank's offset into its partition. Over the data-parallel group (all ranks)."""
+        layout, fragments = self.layout(), self._fragments()
+        shapes = {name: p.shape for name, p in self.skeleton.named_parameters()}
+        by_flat: dict[int, list[MatrixPieces]] = {}
+        for gid, flat, params in self.internals.flat_groups():
+            if self.group_meta[gid][0].get("kind") != "muon":
+                continue
+            entries = []
+            for p in params:
+                name = self.param_names[id(p)]
+                ranges = [r[0] if r else (0, 0, "") for r in layout[name]]
+                frag = fragments[name]
+                entries.append(
+                    MatrixPieces(
+                        name,
+                        (int(shapes[name][0]), int(shapes[name][1])),
+                        tuple(start for start, _, _ in ranges),
+                        tuple(numel for _, numel, _ in ranges),
+                        0 if frag is None else frag.offset,
+                    )
+                )
+            by_flat[id(flat)] = entries
+
+        def matrices(held: torch.Tensor) -> list[MatrixPieces]:
+            return by_flat[id(held)]
+
+        return MatrixSharding(self.rank, self.world_size, matrices, None, self.device)
 
     def _step_value(self) -> torch.Tensor:
         flat = self.internals.flat_masters()[0][1]
@@ -474,7 +515,7 @@ class ZeroEngine(Engine):
         optim_state: dict[str, dict[str, Any]] = {}
         for name, f in self._fragments().items():
             entry: dict[str, Any] = {"step": step.clone()}
-            for key in keys:
+            for key in keys[name]:
                 view = None if f is None else state[f.flat][key].narrow(0, f.offset, f.numel)
                 entry[key] = self._sharded(name, f, view)
             optim_state[name] = entry
@@ -502,7 +543,7 @@ class ZeroEngine(Engine):
             if frag is None:
                 continue
             copy_fragment(frag.master, frag.start, model_sd[name], shapes[name])
-            for key in keys:
+            for key in keys[name]:
                 view = self.optimizer.state[frag.flat][key].narrow(0, frag.offset, frag.numel)
                 copy_fragment(view, frag.start, optim["state"][name][key], shapes[name])
         steps = {float(entry["step"]) for entry in optim["state"].values() if "step" in entry}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import STRATEGIES
+from pretrain.config import STRATEGIES, OptimizerName
 from pretrain.model import GPTConfig
 from pretrain.plan.costs import GB, REDUCE_BUCKET_SIZE, check_layout, estimate
 from pretrain.plan.recommend import Recommendation, recommend
@@ -69,6 +69,8 @@ class PlanConfig:
     async_save: bool = False
     """Checkpoints written in the background (checkpoint.async_save): a host copy of what each
     rank saves, held from the first save on, in the train and save peaks."""
+    optimizer: OptimizerName = OptimizerName.adamw
+    """optim.name: adamw, or muon (one momentum for the block matrices, and Muon's exchange)."""
     hydra: Any = field(
         default_factory=lambda: {
             "run": {"dir": "."},
@@ -119,6 +121,7 @@ def plan_report(cfg: Any) -> tuple[str, Recommendation | None]:
         reduce_bucket_size=cfg.reduce_bucket_size,
         device=cfg.device,
         async_save=cfg.async_save,
+        optimizer=OptimizerName(cfg.optimizer).value,
     )
     args = (cfg.world_size, cfg.micro_batch, seq_len, cfg.precision)
     ac = bool(cfg.activation_checkpointing)
@@ -191,6 +194,20 @@ def plan_report(cfg: Any) -> tuple[str, Recommendation | None]:
             )
         )
     out.append("")
+    if cfg.async_save:
+        out.append(
+            "async_save: each rank also holds a staging copy of what it saves, from the first "
+            "save on (in host memory; in the train and save peaks): "
+            + ", ".join(f"{s} {_fmt(off.staging, unit)}" for s, off, _, _ in rows)
+            + f" {uname}"
+        )
+    comm = [(s, off.optimizer_comm_bytes) for s, off, _, _ in rows if off.optimizer_comm_bytes]
+    if comm:
+        out.append(
+            "optimizer=muon: Muon's exchange sends, per rank and optimizer step, "
+            + ", ".join(f"{s} {b / 1e6:.1f} MB" for s, b in comm)
+            + " beyond the strategy's own collectives (single, ddp: none)"
+        )
     out.append(
         f"fits = every phase's peak{' (with AC)' if ac else ''} <= {budget / GB:.2f} GB "
         f"({cfg.usable_fraction:.0%} of device_memory_gb={cfg.device_memory_gb:g})"

@@ -181,9 +181,67 @@ def model_states(
     *,
     offload_params: bool = True,
     zero3_persistence_threshold: int = ZERO3_PERSISTENCE_THRESHOLD,
+    optimizer: str = "adamw",
 ) -> ModelStates:
     """Bytes per rank of parameters, gradients and Adam state for `strategy` (the table in the
-    module docstring). `sizes` is a ModelSizes or just Ψ."""
+    module docstring). `sizes` is a ModelSizes or just Ψ. optimizer="muon": the block matrices
+    (Ψ_M, `ModelSizes.hidden_matrices`) keep one fp32 momentum buffer instead of Adam's two
+    moments, 4 bytes less per element a rank owns (`muon_saving`)."""
+    if optimizer not in ("adamw", "muon"):
+        raise ValueError(f"unknown optimizer {optimizer!r}: choose adamw or muon")
+    states = _adam_states(
+        strategy,
+        sizes,
+        world_size,
+        precision,
+        nodes,
+        offload_params=offload_params,
+        zero3_persistence_threshold=zero3_persistence_threshold,
+    )
+    if optimizer == "adamw" or isinstance(sizes, int):
+        return states
+    saving = muon_saving(strategy, sizes, states.shard_size)
+    if states.cpu_bytes and not states.optim:  # zero3_offload: the optimizer is in host memory
+        states.cpu_bytes -= saving
+    else:
+        states.optim -= saving
+    return states
+
+
+def muon_saving(strategy: str, sizes: ModelSizes, n: int) -> int:
+    """Bytes per rank Muon's one momentum saves over Adam's two moments: 4 per Muon element the
+    rank owns (FSDP: its rows of each matrix, padded; ZeRO: a 1/N partition; else all)."""
+    if strategy in ("single", "ddp"):
+        return 4 * sizes.hidden_matrices
+    if strategy in FSDP:
+        return 4 * sum(-(-s[0] // n) * math.prod(s[1:]) for s in sizes.hidden_shapes)
+    return 4 * -(-sizes.hidden_matrices // n)
+
+
+def optimizer_comm_bytes(strategy: str, sizes: ModelSizes, n: int, optimizer: str) -> int:
+    """Bytes a rank sends per optimizer step for the optimizer itself, beyond the strategy's own
+    gradient and parameter collectives (and about as many received). AdamW: 0 (elementwise).
+    Muon under a sharded strategy (n > 1 ranks per shard group): its exchange (pretrain/optim/
+    muon.py) sends the pieces of the matrices other ranks own in fp32 and returns their
+    orthogonalised pieces in bf16, (N-1)/N² · Ψ_M · (4 + 2) bytes with owners balanced (a rank
+    holds Ψ_M/N, (N-1)/N of which other ranks own); replicated strategies send nothing (every
+    rank orthogonalises every matrix). The owner also holds its matrices whole while it
+    orthogonalises them: about 6 · Ψ_M/N bytes for the step (ZeRO-3: one sub-group's)."""
+    if optimizer != "muon" or n <= 1 or strategy in ("single", "ddp"):
+        return 0
+    return (n - 1) * sizes.hidden_matrices * (4 + 2) // (n * n)
+
+
+def _adam_states(
+    strategy: str,
+    sizes: ModelSizes | int,
+    world_size: int,
+    precision: str,
+    nodes: int = 1,
+    *,
+    offload_params: bool = True,
+    zero3_persistence_threshold: int = ZERO3_PERSISTENCE_THRESHOLD,
+) -> ModelStates:
     if isinstance(sizes, int):
         sizes = ModelSizes.from_psi(sizes)
     n = shard_size(strategy, world_size, nodes)
@@ -368,6 +426,11 @@ class MemoryEstimate:
     activations: int
     buffers: int
     cpu_bytes: int = 0
+    optimizer_comm_bytes: int = 0
+    """Bytes sent per optimizer step by the optimizer itself (Muon's: `optimizer_comm_bytes`)."""
+    staging: int = 0
+    """Host memory of a background save's staging copy (`async_save`; in the train and save
+    peaks), set by `estimate`."""
     total: int = field(init=False)
     phases: dict[str, PhasePeak] = field(default_factory=dict)
     """The peak of each phase (init, train, save, resume), set by `estimate`."""
@@ -407,11 +470,13 @@ def estimate(
     zero3_persistence_threshold: int = ZERO3_PERSISTENCE_THRESHOLD,
     device: str = "cuda",
     async_save: bool = False,
+    optimizer: str = "adamw",
 ) -> MemoryEstimate:
     """Per-rank memory of training `model_cfg` with `strategy` on `world_size` ranks (`nodes`
     nodes, for hsdp), micro-batches of `micro_batch` x `seq_len` tokens, Adam(W); `.phases`
     holds the peak of each phase of the run (`_phases`), on `device` ("cuda" or "cpu"), with
-    checkpoints written in the background when `async_save`."""
+    checkpoints written in the background when `async_save`; optimizer="muon": Muon's state
+    and exchange (`model_states`, `optimizer_comm_bytes`)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: choose cuda or cpu")
     if seq_len > model_cfg.block_size:
@@ -427,6 +492,7 @@ def estimate(
         nodes,
         offload_params=offload_params,
         zero3_persistence_threshold=zero3_persistence_threshold,
+        optimizer=optimizer,
     )
     acts = activation_bytes(
         model_cfg,
@@ -457,6 +523,7 @@ def estimate(
         activations=acts,
         buffers=buffers,
         cpu_bytes=states.cpu_bytes,
+        optimizer_comm_bytes=optimizer_comm_bytes(strategy, sizes, states.shard_size, optimizer),
     )
     e.phases = _phases(e, sizes, device, reduce_bucket_size, async_save)
     return e
@@ -587,6 +654,7 @@ def _phases(
     init = PhasePeak(built[0] + flatten, built[1] + initial_value)
 
     staging = staging_bytes(strategy, w, psi, part, moments) if async_save else 0
+    e.staging = staging
     # On CPU the host is the device: the staging copy is in the one memory.
     held = (staging, 0) if cpu else (0, staging)
     train = PhasePeak(

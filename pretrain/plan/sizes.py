@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pretrain.model import GPT, GPTConfig
+from pretrain.optim.muon import is_hidden_matrix
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,13 @@ class ModelSizes:
     """Elements of the largest parameter (what initialisation and checkpointing hold whole)."""
     width: int = 0
     """n_embd (DeepSpeed's buckets are sized from it, `zero_bucket_elements`)."""
+    hidden_shapes: tuple[tuple[int, ...], ...] = ()
+    """Shapes of the 2-D weights inside the blocks: the matrices optim=muon steps with Muon."""
+
+    @property
+    def hidden_matrices(self) -> int:
+        """Ψ_M: elements of the Muon matrices."""
+        return sum(math.prod(s) for s in self.hidden_shapes)
 
     @property
     def total(self) -> int:
@@ -86,7 +94,10 @@ def _sizes(key: tuple[Any, ...]) -> ModelSizes:
             linear += module.weight.numel()
     head = model.lm_head.weight.numel()
     largest_param = max(math.prod(sh) for sh in shapes)
-    return ModelSizes(shapes, block, cfg.n_layer, linear, largest, head, largest_param, cfg.n_embd)
+    hidden = tuple(tuple(p.shape) for n, p in model.named_parameters() if is_hidden_matrix(n, p))
+    return ModelSizes(
+        shapes, block, cfg.n_layer, linear, largest, head, largest_param, cfg.n_embd, hidden
+    )
 
 
 def model_sizes(cfg: GPTConfig) -> ModelSizes:

@@ -1,21 +1,12 @@
-"""The optimizer (AdamW with an optional decoupled L1 penalty), its parameter groups, and the
-learning-rate schedule.
-
-The schedule is a pure function of the step (`lr_at`), so resuming needs only the step:
-there is no scheduler object whose state could drift from the checkpoint.
-"""
+"""AdamW with an optional decoupled L1 penalty, and its parameter groups."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-
-from pretrain.config import OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float, l1: float = 0.0) -> list[dict]:
@@ -49,6 +40,25 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else p
 
 
+@torch.no_grad()
+def soft_threshold(groups: Iterable[dict[str, Any]], found_inf: torch.Tensor | None) -> None:
+    """The decoupled L1 step of every group with `l1` > 0 (see `AdamWL1`): each parameter with
+    a gradient is soft-thresholded by the group's learning rate (times its `lr_scale`, where it
+    has one) times `l1`. `found_inf` (a GradScaler's, around fused steps): where it is set the
+    update was skipped, and so is the shrinkage."""
+    for group in groups:
+        if group.get("l1", 0.0) <= 0:
+            continue
+        threshold = group["lr"] * group.get("lr_scale", 1.0) * group["l1"]
+        if found_inf is not None:
+            threshold = threshold * (found_inf == 0)  # 0 where the update was skipped
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            w = _local(p)
+            w.sub_(w.clamp(-threshold, threshold))
+
+
 class AdamWL1(torch.optim.AdamW):
     """AdamW, then a decoupled L1 step on every group with `l1` > 0: each parameter is
     soft-thresholded by the step's learning rate times `l1`,
@@ -80,18 +90,7 @@ class AdamWL1(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         loss = super().step(closure)
-        found_inf = getattr(self, "found_inf", None)  # set by GradScaler around fused steps
-        for group in self.param_groups:
-            if group["l1"] <= 0:
-                continue
-            threshold = group["lr"] * group["l1"]
-            if found_inf is not None:
-                threshold = threshold * (found_inf == 0)  # 0 where the update was skipped
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                w = _local(p)
-                w.sub_(w.clamp(-threshold, threshold))
+        soft_threshold(self.param_groups, getattr(self, "found_inf", None))
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -103,59 +102,3 @@ class AdamWL1(torch.optim.AdamW):
         super().load_state_dict(state_dict)
         for group, hyper in zip(self.param_groups, configured):
             group.update(hyper)
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> AdamWL1:
-    fused: bool | None
-    if cfg.fused == "auto":
-        fused = device.type == "cuda" or None
-    else:
-        fused = cfg.fused.lower() == "true"
-    return AdamWL1(
-        param_groups(model, cfg.weight_decay, cfg.l1),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=fused,
-    )
-
-
-def lr_at(step: int, max_steps: int, peak: float, cfg: ScheduleConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based)."""
-    min_lr = peak * cfg.min_lr_ratio
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        # (step + 1): the very first update already moves, as in nanoGPT.
-        return peak * (step + 1) / cfg.warmup_steps
-    if cfg.name == "constant":
-        return peak
-    if cfg.name == "cosine":
-        span = max(1, max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - min_lr)
-    if cfg.name == "wsd":
-        decay_steps = max(1, int(cfg.decay_fraction * max_steps))
-        decay_start = max_steps - decay_steps
-        if step < decay_start:
-            return peak
-        progress = min(1.0, (step - decay_start) / decay_steps)
-        return peak - progress * (peak - min_lr)
-    raise ValueError(f"unknown schedule.name={cfg.name!r}: use cosine, wsd or constant")
-
-
-@dataclass
-class Schedule:
-    """What an optimizer step needs besides gradients: the learning rate at each step
-    (`schedule.*` over `optim.lr` and the run's length) and the gradient-norm clip."""
-
-    peak_lr: float
-    max_steps: int
-    cfg: ScheduleConfig
-    grad_clip: float  # 0 = off
-
-    @classmethod
-    def from_config(cls, optim: OptimConfig, cfg: ScheduleConfig, max_steps: int) -> Schedule:
-        return cls(optim.lr, max_steps, cfg, optim.grad_clip)
-
-    def lr(self, step: int) -> float:
-        """The learning rate of optimizer step `step` (0-based)."""
-        return lr_at(step, self.max_steps, self.peak_lr, self.cfg)
