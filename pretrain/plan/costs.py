@@ -634,9 +634,11 @@ def _phases(
     # torch's per-tensor (unfused) AdamW, the CPU default: two fp32 temporaries of that size.
     adam_temps = 8 * stepped if cpu else 0
 
-    moments = 8 * (part if strategy not in AUTOCAST else psi)
+    # The optimizer's state per rank (Adam's two moments, or Muon's one momentum for its
+    # matrices: `e.optim` counts either); DeepSpeed's `e.optim` also holds the fp32 masters.
+    moments = e.optim
     if strategy in DEEPSPEED:
-        moments = e.optim * 2 // 3 if not offload else 8 * part
+        moments = e.optim - 4 * part if not offload else 8 * part
     masters = e.optim - moments if strategy in DEEPSPEED and not offload else 0
     # What a rank holds once built (no gradients, no Adam moments yet), device and host.
     if offload:
