@@ -615,12 +615,10 @@ class Checkpointer:
                                          self.config, self.keep_last, self._on_complete(best))  # fmt: skip
         else:
             t0 = time.perf_counter()
-            final, tmp = begin(self.root, state.step)
-            native = lambda: engine.save_native(str(tmp / NATIVE))  # noqa: E731
-            job = Pending(self.root, final, tmp, engine.state_dict(),
-                          self._train_state(state, best), self.config, self.keep_last,
-                          state.rng_state_dict(), native)  # fmt: skip
-            self._on_complete(best)(write(job))
+            final = save(self.root, state.step, engine.state_dict(), self._train_state(state, best),
+                         self.config, self.keep_last, native_saver=engine.save_native,
+                         rng=state.rng_state_dict())  # fmt: skip
+            self._on_complete(best)(final)
             took = time.perf_counter() - t0
             line = f"saved checkpoint {final} in {took:.2f} s" + (" (best)" if best else "")
         self.last_saved = state.step
