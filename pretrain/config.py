@@ -140,7 +140,7 @@ class OptimConfig:
     """muon: Newton-Schulz iterations that orthogonalise each update."""
     muon_ns_dtype: MuonNSDtype = MuonNSDtype.bf16
     """muon: Newton-Schulz in bf16 (torch.optim.Muon's; GPUs, CPUs with AVX512-BF16/AMX) or fp32
-    (CPUs without bf16 matmuls, where it is 10-50x faster: BENCHMARKS.md)."""
+    (CPUs without bf16 matmuls, where it was 22x faster on the measured CPU: BENCHMARKS.md)."""
 
 
 @dataclass

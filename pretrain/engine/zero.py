@@ -440,6 +440,7 @@ class ZeroEngine(Engine):
             entries = []
             for p in params:
                 name = self.param_names[id(p)]
+                assert all(len(r) <= 1 for r in layout[name]), name  # one range per rank
                 ranges = [r[0] if r else (0, 0, "") for r in layout[name]]
                 frag = fragments[name]
                 entries.append(

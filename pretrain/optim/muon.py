@@ -69,7 +69,7 @@ def zeropower_via_newtonschulz(
     iterations X <- a X + (b X X^T + c (X X^T)^2) X on the wide orientation (A <= B, so the Gram
     matrix X X^T is the small one)."""
     a, b, c = coefficients
-    x = update.to(dtype)
+    x = update.to(dtype, copy=True)  # never the caller's tensor (a momentum buffer) itself
     tall = update.size(0) > update.size(1)
     if tall:
         x = x.T
@@ -130,6 +130,11 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]
         "adjust_lr": MuonAdjustLR(cfg.muon_adjust_lr).value,
         "ns_dtype": MuonNSDtype(cfg.muon_ns_dtype).value,
     }
+    if not muon["params"]:
+        raise ConfigError(
+            "optim=muon found no matrices inside the transformer blocks (transformer.h.*) to "
+            "step: use optim=adamw for this model"
+        )
     decay["params"] = [p for p in decay["params"] if id(p) not in hidden]
     return [
         muon,
@@ -274,6 +279,8 @@ class MuonAdamW(AdamWL1):
         return loss
 
     def _muon_step(self, group: dict[str, Any]) -> None:
+        if not group["params"]:  # ZeRO-3 steps one sub-group at a time; the others are empty
+            return
         lr = group["lr"] * group["lr_scale"]
         momentum, rule = group["momentum"], group["adjust_lr"]
         dtype = NS_DTYPES[group.get("ns_dtype", "bf16")]

@@ -185,10 +185,13 @@ def test_resuming_with_the_other_optimizer_is_refused(work: Path, runs: dict) ->
 
 
 @pytest.mark.timeout(600)
-def test_keep_sparsity_with_a_pruned_source_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+def test_keep_sparsity_and_a_switch_of_optimizer_are_refused(
+    tiny_data: Path, tmp_path: Path
+) -> None:
     """Muon's update is dense: it would move the masked weights, and a resume or export would
     lose the zeros. A pruned source with train.keep_sparsity (the default) is refused in one
-    line; with train.keep_sparsity=false it trains."""
+    line; with train.keep_sparsity=false it trains, and resuming that run with AdamW (the
+    default optimizer) is refused through the CLI."""
     from pretrain import pruning
     from pretrain.compressed import write_compressed
     from pretrain.model import GPT, GPTConfig
@@ -204,6 +207,11 @@ def test_keep_sparsity_with_a_pruned_source_is_refused(tiny_data: Path, tmp_path
     last = proc.stderr.strip().splitlines()[-1]
     assert "train.keep_sparsity" in last and "optim=adamw" in last, proc.stderr[-2000:]
     single(cli(tiny_data, tmp_path / "dense", *args, "train.keep_sparsity=false"))
+    # That run's checkpoint holds Muon's state: resuming it with AdamW is refused, in one line.
+    proc = single(cli(tiny_data, tmp_path / "dense", "train.max_steps=3"), check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "written with optim=muon" in last and "resume with optim=muon" in last, last
 
 
 @pytest.mark.timeout(600)

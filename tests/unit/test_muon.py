@@ -245,3 +245,21 @@ def test_fp32_newton_schulz_is_the_bf16_one_more_precisely() -> None:
     w = {k: m.transformer.h[0].mlp.c_fc.weight.detach() for k, m in models.items()}
     assert not torch.equal(w["bf16"], w["fp32"])
     torch.testing.assert_close(w["bf16"], w["fp32"], rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("ns_dtype", ["bf16", "fp32"])
+def test_orthogonalising_leaves_the_momentum_alone(ns_dtype: str) -> None:
+    """Without Nesterov the update is the momentum buffer itself: orthogonalising it (in fp32,
+    where no cast copies it) must not rewrite the buffer. After one step from zero it is
+    (1 - mu) x the gradient."""
+    cfg = OptimConfig(name="muon", muon_nesterov=False, muon_ns_dtype=ns_dtype)  # type: ignore[arg-type]
+    model = tiny_gpt()
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    seq = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    model(seq[:, :-1], seq[:, 1:])[1].backward()
+    p = opt.param_groups[0]["params"][0]
+    grad = p.grad.clone()
+    opt.step()
+    torch.testing.assert_close(
+        opt.state[p]["momentum_buffer"], (1 - cfg.muon_momentum) * grad, rtol=0, atol=0
+    )
